@@ -1,0 +1,38 @@
+"""The ``hsd`` torch ops that passes put into graphs.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation so dynamo, AOT
+autograd and inductor see one opaque node; its real implementation is looked up in the kernel
+registry by the device of its inputs (Triton on CUDA, torch reference elsewhere).
+"""
+from typing import Optional
+
+import torch
+
+from hsd.kernels import attention as _attention  # noqa: F401  (registers implementations)
+from hsd.kernels import registry
+from hsd.kernels import w4a16 as _w4a16  # noqa: F401
+
+
+@torch.library.custom_op("hsd::w4a16_linear", mutates_args=())
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 group_size: int) -> torch.Tensor:
+    return registry.lookup("w4a16_linear", x.device.type)(x, qweight, scales, zeros, bias, group_size)
+
+
+@w4a16_linear.register_fake
+def _(x, qweight, scales, zeros, bias, group_size):
+    return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
+@torch.library.custom_op("hsd::attention", mutates_args=("k_cache", "v_cache"))
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, layer: int, cache_len: torch.Tensor,
+              tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return registry.lookup("attention", q.device.type)(q, k, v, k_cache, v_cache, layer,
+                                                       cache_len, tree_mask, scale)
+
+
+@attention.register_fake
+def _(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask, scale):
+    return torch.empty_like(q)
