@@ -1,0 +1,54 @@
+"""``hsd.compile``: the one call that turns a Hugging Face causal LM into an engine."""
+import torch
+
+from hsd.capture import check_supported
+from hsd.engine import Engine
+from hsd.kv_cache import KVCache
+from hsd.lowering import BACKENDS, default_backend
+from hsd.passes import QUANT_SCHEMES, FuseSiblingLinears, PassManager, QuantizeLinear, RewriteAttention, as_pass
+
+
+def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, max_seq_len: int = 2048,
+            batch_size: int = 1, prefill_chunk: int = 128, group_size: int = 128, fuse: bool = True,
+            backend=None, dump_graphs=None) -> Engine:
+    """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
+
+    Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
+    or callables on a torch.fx.GraphModule), RewriteAttention, FuseSiblingLinears (if ``fuse``),
+    QuantizeLinear (if ``quant``). ``dump_graphs``: a directory for each graph before and after
+    every pass (or set HSD_DUMP_GRAPHS). ``backend``: "inductor" (CUDA default, with CUDA
+    graphs), "aot_eager" or "eager" (CPU default).
+    """
+    if quant is not None and quant not in QUANT_SCHEMES:
+        raise ValueError(f"unknown quant {quant!r}; known: {', '.join(QUANT_SCHEMES)} (or None)")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if max_seq_len < 1 or batch_size < 1 or prefill_chunk < 1:
+        raise ValueError("max_seq_len, batch_size and prefill_chunk must be positive")
+    user_passes = [as_pass(p) for p in passes]
+    model = _load(model_or_path, dtype)
+    check_supported(model.config, max_seq_len)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.set_attn_implementation("sdpa")  # RewriteAttention matches the SDPA node
+    param = next(model.parameters())
+    builtin = [RewriteAttention()]
+    if fuse:
+        builtin.append(FuseSiblingLinears())
+    if quant is not None:
+        builtin.append(QuantizeLinear(quant, group_size=group_size))
+    cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, param.dtype, param.device)
+    return Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
+                  backend or default_backend(param.device), min(prefill_chunk, max_seq_len))
+
+
+def _load(model_or_path, dtype):
+    if isinstance(model_or_path, torch.nn.Module):
+        if not hasattr(model_or_path, "config"):
+            raise TypeError("hsd.compile needs a Hugging Face causal LM (a module with a .config)")
+        return model_or_path
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_or_path, dtype=dtype or "auto")

@@ -1,0 +1,181 @@
+"""The engine: compiled step graphs over one static KV cache, and greedy generation.
+
+A *step* runs T new tokens per row against the cache: prefill chunks (T = prefill_chunk,
+causal), decode (T = 1), and later chain and tree verification. Each T gets its own captured,
+rewritten and lowered graph, built on first use; passes share converted weights between them.
+"""
+import dataclasses
+import time
+
+import torch
+from transformers.modeling_outputs import CausalLMOutput
+
+from hsd.capture import capture
+from hsd.kv_cache import KVCache
+from hsd.lowering import lower
+from hsd.passes import PassManager
+
+
+@dataclasses.dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    def __str__(self):
+        return (f"prompt {self.prompt_tokens} tok in {self.prefill_s * 1e3:.1f} ms, "
+                f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s "
+                f"({self.steps} steps)")
+
+
+class Engine:
+    def __init__(self, model, passes: PassManager, cache: KVCache, backend: str, prefill_chunk: int):
+        self.model = model
+        self.config = model.config
+        self.passes = passes
+        self.cache = cache
+        self.backend = backend
+        self.cuda_graphs = cache.k.device.type == "cuda" and backend != "eager"
+        self.prefill_chunk = prefill_chunk
+        self.device = cache.k.device
+        self.batch_size = cache.k.shape[1]
+        self.graphs = {}        # T -> rewritten torch.fx.GraphModule
+        self.pass_report = {}   # T -> list of PassRecord
+        self.stats = Stats()
+        self._steps = {}
+        self._masks = {}
+
+    # ---- steps -------------------------------------------------------------------------------
+    def step(self, input_ids, position_ids, tree_mask):
+        """Run T = input_ids.shape[1] tokens per row at positions ``position_ids`` after
+        ``cache.length`` cached tokens; returns (logits [B, T, V], hidden [B, T, H]) in buffers
+        that the next call of the same step may overwrite. The cache length is not advanced."""
+        tokens = input_ids.shape[1]
+        fn = self._steps.get(tokens) or self._build(tokens)
+        try:
+            return fn(input_ids=input_ids, position_ids=position_ids, cache_len=self.cache.length,
+                      tree_mask=tree_mask, k_cache=self.cache.k, v_cache=self.cache.v)
+        except Exception as e:
+            names = ", ".join(r.name for r in self.pass_report[tokens])
+            raise RuntimeError(f"the compiled {tokens}-token step failed (passes: {names}): "
+                               f"{type(e).__name__}: {e}") from e
+
+    def _build(self, tokens):
+        with torch.no_grad():
+            gm = capture(self.model, self.batch_size, tokens)
+            gm, self.pass_report[tokens] = self.passes(gm, tag=f"t{tokens}_")
+        self.graphs[tokens] = gm
+        inputs = dict(input_ids=torch.zeros(self.batch_size, tokens, dtype=torch.long, device=self.device),
+                      position_ids=self._positions(tokens), cache_len=self.cache.length,
+                      tree_mask=self.causal_mask(tokens), k_cache=self.cache.k, v_cache=self.cache.v)
+        self._steps[tokens] = lower(gm, inputs, self.backend, self.cuda_graphs)
+        return self._steps[tokens]
+
+    def causal_mask(self, tokens):
+        if tokens not in self._masks:
+            self._masks[tokens] = torch.ones(tokens, tokens, dtype=torch.bool, device=self.device).tril()
+        return self._masks[tokens]
+
+    def _positions(self, tokens):
+        return self.cache.length.long()[:, None] + torch.arange(tokens, device=self.device)
+
+    # ---- user API ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> CausalLMOutput:
+        """Logits of every position of ``input_ids`` [B, P], like the Hugging Face model."""
+        input_ids = self._check(input_ids, 0)
+        self.cache.reset()
+        return CausalLMOutput(logits=self._prefill(input_ids, all_logits=True))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id=None,
+                 pad_token_id=None) -> torch.Tensor:
+        """Greedy decoding: returns [B, P + n] with n <= max_new_tokens; stops when every row
+        has produced an EOS (rows that finished earlier are padded with ``pad_token_id``)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids = self._check(input_ids, max_new_tokens)
+        eos = _as_list(eos_token_id if eos_token_id is not None else _generation(self.model, "eos_token_id"))
+        pad = pad_token_id if pad_token_id is not None else _generation(self.model, "pad_token_id")
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        eos_t = torch.tensor(eos, device=self.device, dtype=torch.long)
+        stats = self.stats = Stats(prompt_tokens=input_ids.shape[1])
+
+        start = _now(self.device)
+        self.cache.reset()
+        token = self._prefill(input_ids)[:, -1].argmax(-1)
+        stats.prefill_s = _now(self.device) - start
+        out = [token]
+        done = torch.isin(token, eos_t)
+        start = _now(self.device)
+        causal1 = self.causal_mask(1)
+        while len(out) < max_new_tokens and not bool(done.all()):
+            logits, _ = self.step(token[:, None], self._positions(1), causal1)
+            self.cache.length += 1
+            token = torch.where(done, pad, logits[:, -1].argmax(-1))
+            done |= torch.isin(token, eos_t)
+            out.append(token)
+            stats.steps += 1
+        stats.decode_s = _now(self.device) - start
+        stats.new_tokens = len(out)
+        return torch.cat([input_ids, torch.stack(out, 1)], 1)
+
+    def _prefill(self, input_ids, all_logits=False):
+        """Run the prompt in causal chunks of ``prefill_chunk`` tokens (the last one padded) and
+        advance the cache; returns the logits of every prompt position, or of the last chunk."""
+        chunk = self.prefill_chunk
+        mask = self.causal_mask(chunk)
+        pieces = []
+        for start in range(0, input_ids.shape[1], chunk):
+            ids = input_ids[:, start:start + chunk]
+            n = ids.shape[1]
+            if n < chunk:
+                ids = torch.nn.functional.pad(ids, (0, chunk - n))
+            logits, _ = self.step(ids, self._positions(chunk), mask)
+            self.cache.length += n
+            if all_logits or start + chunk >= input_ids.shape[1]:
+                pieces.append(logits[:, :n].clone())
+        return torch.cat(pieces, 1)
+
+    def _check(self, input_ids, new_tokens):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError("input_ids must be an integer tensor of shape [batch, tokens]")
+        b, p = input_ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"this engine was compiled for batch_size={self.batch_size}, got input_ids of batch {b}")
+        if p == 0:
+            raise ValueError("input_ids is empty")
+        if p + new_tokens > self.cache.max_seq_len:
+            raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({new_tokens}) exceeds the KV cache's "
+                             f"max_seq_len={self.cache.max_seq_len}; pass a larger max_seq_len to hsd.compile")
+        vocab = self.config.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab})")
+        return input_ids.to(self.device, torch.long)
+
+    def weight_bytes(self, tokens: int = 1) -> int:
+        """Bytes of weights the T-token step reads (the embedding table is gathered, not read)."""
+        gm = self.graphs[tokens]
+        return sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if "embed_tokens" not in name)
+
+
+def _generation(model, key):
+    cfg = getattr(model, "generation_config", None)
+    value = getattr(cfg, key, None) if cfg is not None else None
+    return value if value is not None else getattr(model.config, key, None)
+
+
+def _as_list(x):
+    return [] if x is None else ([x] if isinstance(x, int) else list(x))
+
+
+def _now(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
