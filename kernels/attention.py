@@ -36,8 +36,9 @@ def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_m
     write_kv(v_cache, layer, v, cache_len)
     b, hq, t, d = q.shape
     hkv, slots = k_cache.shape[2], k_cache.shape[3]
-    kc, vc = k_cache[layer].float(), v_cache[layer].float()                    # [B, Hkv, S, D]
-    qg = q.float().reshape(b, hkv, hq // hkv, t, d)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp64 tests stay fp64
+    kc, vc = k_cache[layer].to(acc), v_cache[layer].to(acc)                    # [B, Hkv, S, D]
+    qg = q.to(acc).reshape(b, hkv, hq // hkv, t, d)
     scores = torch.einsum("bhgtd,bhsd->bhgts", qg, kc) * scale
     mask = visible_mask(cache_len, tree_mask, slots)[:, None, None]             # [B, 1, 1, T, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

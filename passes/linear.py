@@ -119,8 +119,9 @@ class QuantizeLinear(Pass):
                 continue
             w_node, b_node = _weight(node)
             qweight, scales, zeros = self._quantize(gm, w_node, module)
-            args = [_add_attr(gm, graph, node, f"{w_node.target}.q{i}", t) if t is not None else None
-                    for i, t in enumerate((qweight, scales, zeros))]
+            owner = w_node.target.rsplit(".", 1)[0]
+            args = [_add_attr(gm, graph, node, f"{owner}.{name}", t) if t is not None else None
+                    for name, t in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros))]
             with graph.inserting_before(node):
                 q = graph.call_function(torch.ops.hsd.w4a16_linear.default,
                                         (node.args[0], *args, b_node, self._group(qweight.shape[0] * 8)))

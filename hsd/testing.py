@@ -1,0 +1,130 @@
+"""Equivalence testing for hsd and for your own passes and models.
+
+Hypothesis strategies for tiny Llama / Mistral / Qwen2 configs and inputs, and assertions that
+compare at every level:
+
+    from hypothesis import given
+    from hsd import testing
+
+    @given(testing.model_configs(), testing.seeds())
+    def test_my_pass(config, seed):
+        model = testing.tiny_model(config, seed)
+        testing.assert_pass_equivalent(my_pass, model, testing.random_ids(config, seed))
+
+``assert_pass_equivalent`` captures the model, runs the graph before and after the pass on the
+same inputs and compares logits and hidden states (``min_sqnr_db`` for lossy passes such as
+quantization). ``assert_engine_matches_model`` compares a compiled engine's logits with the
+eager model's, and ``assert_generate_matches_hf`` greedy tokens with transformers' generate.
+"""
+import copy
+
+import torch
+import torch.fx
+from hypothesis import strategies as st
+
+from hsd.capture import capture
+from hsd.passes import PassManager
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def _config_class(arch):
+    import transformers
+    return {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config}[arch]
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    """A small config of a supported architecture (2 layers, GQA 2:1, width 64) with overrides."""
+    kwargs = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  initializer_range=0.1, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    return _config_class(arch)(**kwargs)
+
+
+@st.composite
+def model_configs(draw, archs=ARCHITECTURES, width_multiple: int = 32, max_layers: int = 2):
+    """Tiny configs: GQA ratios 1, 2 and 4, head dims 16/32, every Linear width a multiple of
+    ``width_multiple`` (a power of two: pass the quantization group size), tied or untied
+    embeddings, two RoPE bases."""
+    kv_heads = draw(st.sampled_from([1, 2]))
+    heads = kv_heads * draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([16, 32]))
+    head_dim = max(head_dim, width_multiple // heads)
+    hidden = max(heads * head_dim, width_multiple)
+    return tiny_config(
+        draw(st.sampled_from(archs)), vocab_size=draw(st.sampled_from([64, 96])), hidden_size=hidden,
+        intermediate_size=width_multiple * draw(st.integers(1, 4)),
+        num_hidden_layers=draw(st.integers(1, max_layers)), num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=draw(st.booleans()),
+        rope_theta=draw(st.sampled_from([10000.0, 500000.0])))
+
+
+def seeds():
+    return st.integers(0, 2**16)
+
+
+def tiny_model(config, seed: int = 0, dtype=torch.float32):
+    """A randomly initialised causal LM for ``config`` (deterministic in ``seed``)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(dtype).eval()
+
+
+def random_ids(config, seed: int = 0, batch: int = 1, length: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, length), generator=g)
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB."""
+    ref, x = ref.double(), x.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp(min=1e-300)))
+
+
+def _close(name, ref, out, atol, rtol, min_sqnr_db):
+    if min_sqnr_db is not None:
+        got = sqnr_db(ref, out)
+        assert got >= min_sqnr_db, f"{name}: SQNR {got:.1f} dB < {min_sqnr_db} dB"
+    else:
+        torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def run_graph(gm: torch.fx.GraphModule, input_ids: torch.Tensor):
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    with torch.no_grad():
+        return gm(input_ids, positions)
+
+
+def assert_pass_equivalent(pass_, model, input_ids, atol=1e-5, rtol=1e-4, min_sqnr_db=None):
+    """Run ``pass_`` on the captured graph of ``model`` and check the graph computes the same
+    logits and hidden states on ``input_ids`` (or within ``min_sqnr_db`` for lossy passes).
+    Returns (graph before, graph after)."""
+    before = capture(model, *input_ids.shape)
+    after = torch.fx.GraphModule(before, copy.deepcopy(before.graph))
+    after, _ = PassManager([pass_])(after)
+    for name, ref, out in zip(("logits", "hidden"), run_graph(before, input_ids), run_graph(after, input_ids)):
+        _close(name, ref, out, atol, rtol, min_sqnr_db)
+    return before, after
+
+
+def assert_engine_matches_model(engine, model, input_ids, atol=1e-4, rtol=1e-4, min_sqnr_db=None):
+    """The engine's logits for ``input_ids`` equal the eager model's."""
+    with torch.no_grad():
+        ref = model(input_ids).logits
+    _close("logits", ref, engine(input_ids).logits.to(ref.device), atol, rtol, min_sqnr_db)
+
+
+def assert_generate_matches_hf(engine, model, input_ids, max_new_tokens=12, eos_token_id=None):
+    """Greedy ``engine.generate`` equals transformers' greedy ``generate`` token for token."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                  pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    with torch.no_grad():
+        ref = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    out = engine.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                          pad_token_id=kwargs["pad_token_id"])
+    assert out.tolist() == ref.tolist(), f"engine {out.tolist()} != transformers {ref.tolist()}"
