@@ -80,6 +80,20 @@ def random_ids(config, seed: int = 0, batch: int = 1, length: int = 7):
     return torch.randint(0, config.vocab_size, (batch, length), generator=g)
 
 
+def fake_quantized(model, group_size: int = 128, symmetric: bool = True):
+    """A copy of ``model`` whose Linears (all but the lm_head) hold their round-to-nearest W4
+    weights dequantized: what ``quant="w4a16"`` must compute, in plain transformers."""
+    from hsd.kernels import w4a16
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                k = module.in_features
+                qweight, scales, zeros = w4a16.quantize_rtn(module.weight, group_size, symmetric)
+                module.weight.copy_(w4a16.dequantize(qweight, scales, zeros, k if group_size == -1 else group_size))
+    return model
+
+
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB."""
     ref, x = ref.double(), x.double()

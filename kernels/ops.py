@@ -35,4 +35,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
 
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous [B, Hq, T, D], whatever q's strides
