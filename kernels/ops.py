@@ -36,3 +36,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask, scale):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("hsd::compact_kv", mutates_args=("k_cache", "v_cache"))
+def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor,
+               src: torch.Tensor) -> None:
+    registry.lookup("compact_kv", k_cache.device.type)(k_cache, v_cache, cache_len, src)
+
+
+@compact_kv.register_fake
+def _(k_cache, v_cache, cache_len, src):
+    return None
