@@ -204,7 +204,7 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SP
 
 
 def _split_plan(rows: int, slots: int, groups: int, device: torch.device, chunk=None):
-    """-> (BLOCK_M, BLOCK_N, chunk, n_splits, num_warps), from shapes only (never cache_len)."""
+    """-> (BLOCK_M, BLOCK_N, chunk, n_splits, launch options), from shapes only (never cache_len)."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     block_n = 64
     if chunk is None:
@@ -213,7 +213,7 @@ def _split_plan(rows: int, slots: int, groups: int, device: torch.device, chunk=
         per_split = groups * triton.cdiv(rows, block_m)
         chunk = block_n * triton.cdiv(triton.cdiv(slots, triton.cdiv(target, per_split)), block_n)
     assert block_m >= 16 and block_n >= 16 and chunk % block_n == 0, (block_m, block_n, chunk)
-    return block_m, block_n, chunk, triton.cdiv(slots, chunk), 4
+    return block_m, block_n, chunk, triton.cdiv(slots, chunk), dict(num_warps=4, num_stages=3)
 
 
 @registry.register("attention", "cuda", "triton", default=True)
@@ -225,13 +225,13 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     hkv, slots = k_cache.shape[2], k_cache.shape[3]
     assert d >= 16 and d == triton.next_power_of_2(d), f"head dim {d} must be a power of two >= 16"
     rows = hq // hkv * t
-    block_m, block_n, chunk, n_splits, warps = _split_plan(rows, slots, b * hkv, q.device, chunk)
+    block_m, block_n, chunk, n_splits, launch = _split_plan(rows, slots, b * hkv, q.device, chunk)
     o_part = torch.empty((b * hkv, n_splits + 1, rows, d), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * hkv, n_splits + 1, rows), device=q.device, dtype=torch.float32)
     _attn_split_kernel[(triton.cdiv(rows, block_m), n_splits + 1, b * hkv)](
         q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,
         scale * _LOG2E, hkv, t, slots, rows, chunk, n_splits,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, **launch)
     out = torch.empty_like(q)
     block_r = min(64, max(16, triton.next_power_of_2(rows)))
     _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv)](
