@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from hsd.kernels.attention import ancestor_mask, attention_reference, attention_triton
+from hsd.kernels.attention import LAUNCH_PLANS, ancestor_mask, attention_reference, attention_triton
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.float16
 PREFIXES = (512, 2048, 8192)
@@ -82,7 +82,8 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 shape=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE), batch=1),
-                timing="triton.testing.do_bench median, L2 flushed; every method writes the new K/V")
+                timing="triton.testing.do_bench median, L2 flushed; every method writes the new K/V",
+                launch_plans=LAUNCH_PLANS)
     with open(os.path.join(out_dir, "attention.json"), "w") as f:
         json.dump(dict(meta, results=rows), f, indent=1)
     plot(rows, os.path.join(out_dir, "attention.png"), meta["gpu"])

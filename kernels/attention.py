@@ -160,7 +160,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
             kv_offs = cols[:, None] * D + offs_d[None, :]
             k = tl.load(k_base + kv_offs, mask=col_ok[:, None], other=0.0)
             v = tl.load(v_base + kv_offs, mask=col_ok[:, None], other=0.0)
-            visible = col_ok[None, :]
+            visible = tl.broadcast_to(col_ok[None, :], (BLOCK_M, BLOCK_N))
             if is_tree:
                 allowed = tl.load(mask_ptr + (rows % T)[:, None] * T + cols[None, :], mask=col_ok[None, :], other=0)
                 visible = visible & (allowed != 0)
@@ -203,17 +203,22 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SP
              (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+# (BLOCK_M cap, BLOCK_N, num_warps, num_stages, programs per SM at a full cache), for Q tiles of
+# at most 64 rows (decode, small trees) and more; picked by a sweep on an H100 (benchmarks/)
+LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2), "many_rows": (64, 64, 4, 3, 2)}
+
+
 def _split_plan(rows: int, slots: int, groups: int, device: torch.device, chunk=None):
     """-> (BLOCK_M, BLOCK_N, chunk, n_splits, launch options), from shapes only (never cache_len)."""
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_n = 64
+    cap, block_n, warps, stages, per_sm = LAUNCH_PLANS["few_rows" if rows <= 64 else "many_rows"]
+    block_m = min(cap, max(16, triton.next_power_of_2(rows)))
     if chunk is None:
-        # about two programs per SM when the cache is full; the interpreter wants few programs
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        # the interpreter wants few programs
+        target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         per_split = groups * triton.cdiv(rows, block_m)
         chunk = block_n * triton.cdiv(triton.cdiv(slots, triton.cdiv(target, per_split)), block_n)
     assert block_m >= 16 and block_n >= 16 and chunk % block_n == 0, (block_m, block_n, chunk)
-    return block_m, block_n, chunk, triton.cdiv(slots, chunk), dict(num_warps=4, num_stages=3)
+    return block_m, block_n, chunk, triton.cdiv(slots, chunk), dict(num_warps=warps, num_stages=stages)
 
 
 @registry.register("attention", "cuda", "triton", default=True)
