@@ -18,6 +18,8 @@ on the GPU the scheduler calls it where it syncs anyway (once per step). ``ances
 its parent array. The kernels never touch slots >= S, so a missed bound check gives wrong
 attention, not memory corruption.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -139,14 +141,9 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     cache_len = tl.load(len_ptr + bh // HKV)
-    is_tree = split == N_SPLITS
-    lo = tl.where(is_tree, 0, split * CHUNK)
-    hi = tl.where(is_tree, T, tl.minimum(lo + CHUNK, tl.minimum(cache_len, S)))
-    if is_tree:
-        k_base, v_base = k_ptr + bh * T * D, v_ptr + bh * T * D
-    else:
-        k_base, v_base = kc_ptr + bh * S * D, vc_ptr + bh * S * D
-    if lo < hi:
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, tl.minimum(cache_len, S))
+    if (split == N_SPLITS) | (lo < hi):      # prefix chunks past cache_len do nothing
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < ROWS
         offs_d = tl.arange(0, D)
@@ -154,23 +151,29 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
-            kv_offs = cols[:, None] * D + offs_d[None, :]
-            k = tl.load(k_base + kv_offs, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + kv_offs, mask=col_ok[:, None], other=0.0)
-            visible = tl.broadcast_to(col_ok[None, :], (BLOCK_M, BLOCK_N))
-            if is_tree:
+        if split < N_SPLITS:
+            for n0 in range(lo, hi, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < hi
+                kv = bh * S * D + cols[:, None] * D + offs_d[None, :]
+                k = tl.load(kc_ptr + kv, mask=col_ok[:, None], other=0.0)
+                v = tl.load(vc_ptr + kv, mask=col_ok[:, None], other=0.0)
+                m_i, l_i, acc = _softmax_step(q, k, v, col_ok[None, :], m_i, l_i, acc, qk_scale)
+        else:
+            for n0 in range(0, T, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < T
+                kv = bh * T * D + cols[:, None] * D + offs_d[None, :]
+                k = tl.load(k_ptr + kv, mask=col_ok[:, None], other=0.0)
+                v = tl.load(v_ptr + kv, mask=col_ok[:, None], other=0.0)
                 allowed = tl.load(mask_ptr + (rows % T)[:, None] * T + cols[None, :], mask=col_ok[None, :], other=0)
-                visible = visible & (allowed != 0)
                 if pid_m == 0:                              # one row block writes the cache
                     slots = cache_len + cols
                     ok = (col_ok & (slots < S))[:, None]
-                    cache_offs = bh * S * D + slots[:, None] * D + offs_d[None, :]
-                    tl.store(kc_ptr + cache_offs, k, mask=ok)
-                    tl.store(vc_ptr + cache_offs, v, mask=ok)
-            m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale)
+                    cache = bh * S * D + slots[:, None] * D + offs_d[None, :]
+                    tl.store(kc_ptr + cache, k, mask=ok)
+                    tl.store(vc_ptr + cache, v, mask=ok)
+                m_i, l_i, acc = _softmax_step(q, k, v, allowed != 0, m_i, l_i, acc, qk_scale)
         part = bh * (N_SPLITS + 1) + split
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
@@ -180,32 +183,36 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
 
 @triton.jit
 def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SPLITS,
-                        D: tl.constexpr, BLOCK_R: tl.constexpr):
+                        D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+    # all partials of BLOCK_R rows in one [SPLITS, BLOCK_R, D] tile: no latency-bound loop
     pid_r, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     n_prefix = tl.minimum(tl.cdiv(tl.load(len_ptr + bh // HKV), CHUNK), N_SPLITS)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < ROWS
-    offs_d = tl.arange(0, D)
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_R,), tl.float32)
-    acc = tl.zeros((BLOCK_R, D), tl.float32)
-    for i in range(0, n_prefix + 1):
-        part = bh * (N_SPLITS + 1) + tl.where(i == n_prefix, N_SPLITS, i)   # the tree block last
-        lse = tl.load(lse_ptr + part * ROWS + rows, mask=row_ok, other=0.0)
-        o = tl.load(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        m_new = tl.maximum(m, lse)
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, w = tl.exp2(m - base), tl.exp2(lse - base)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        l = l * alpha + w
-        m = m_new
-    tl.store(out_ptr + bh * ROWS * D + rows[:, None] * D + offs_d[None, :],
-             (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    split = tl.arange(0, SPLITS)[:, None]
+    rows = tl.minimum(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), ROWS - 1)[None, :]   # pad: repeat the last
+    used = (split < n_prefix) | (split == N_SPLITS)
+    part_row = (bh * (N_SPLITS + 1) + split) * ROWS + rows                     # [SPLITS, BLOCK_R]
+    lse = tl.load(lse_ptr + part_row, mask=used, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    offs_d = tl.arange(0, D)[None, None, :]
+    o = tl.load(o_ptr + part_row[:, :, None] * D + offs_d, mask=used[:, :, None], other=0.0)
+    out = tl.sum(o * w[:, :, None], 0) / tl.sum(w, 0)[:, None]                   # [BLOCK_R, D]
+    rows_out = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(out_ptr + (bh * ROWS + rows_out)[:, None] * D + tl.arange(0, D)[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows_out < ROWS)[:, None])
 
 
 # (BLOCK_M cap, BLOCK_N, num_warps, num_stages, programs per SM at a full cache), for Q tiles of
 # at most 64 rows (decode, small trees) and more; picked by a sweep on an H100 (benchmarks/)
 LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2), "many_rows": (64, 64, 4, 3, 2)}
+MAX_SPLITS = 63   # the reduce holds all partials of a row in registers
+
+
+@functools.cache
+def _programs_wanted(device: torch.device, per_sm: int) -> int:
+    if device.type != "cuda":
+        return 4                                  # the interpreter wants few programs
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _split_plan(rows: int, slots: int, groups: int, device: torch.device, chunk=None):
@@ -213,11 +220,10 @@ def _split_plan(rows: int, slots: int, groups: int, device: torch.device, chunk=
     cap, block_n, warps, stages, per_sm = LAUNCH_PLANS["few_rows" if rows <= 64 else "many_rows"]
     block_m = min(cap, max(16, triton.next_power_of_2(rows)))
     if chunk is None:
-        # the interpreter wants few programs
-        target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        per_split = groups * triton.cdiv(rows, block_m)
-        chunk = block_n * triton.cdiv(triton.cdiv(slots, triton.cdiv(target, per_split)), block_n)
+        splits = triton.cdiv(_programs_wanted(device, per_sm), groups * triton.cdiv(rows, block_m))
+        chunk = block_n * triton.cdiv(slots, block_n * min(splits, MAX_SPLITS))
     assert block_m >= 16 and block_n >= 16 and chunk % block_n == 0, (block_m, block_n, chunk)
+    assert triton.cdiv(slots, chunk) <= MAX_SPLITS, (slots, chunk)
     return block_m, block_n, chunk, triton.cdiv(slots, chunk), dict(num_warps=warps, num_stages=stages)
 
 
@@ -238,9 +244,11 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
         scale * _LOG2E, hkv, t, slots, rows, chunk, n_splits,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, **launch)
     out = torch.empty_like(q)
-    block_r = min(64, max(16, triton.next_power_of_2(rows)))
+    splits = triton.next_power_of_2(n_splits + 1)
+    # GPU: about 64 partial rows per program; interpreter: one program per KV head
+    block_r = max(1, 64 // splits) if q.is_cuda else triton.next_power_of_2(rows)
     _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv)](
-        o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, BLOCK_R=block_r, num_warps=4)
+        o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r, num_warps=4)
     return out
 
 
