@@ -209,22 +209,18 @@ MAX_SPLITS = 63   # the reduce holds all partials of a row in registers
 
 
 @functools.cache
-def _programs_wanted(device: torch.device, per_sm: int) -> int:
-    if device.type != "cuda":
-        return 4                                  # the interpreter wants few programs
-    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_plan(rows: int, slots: int, groups: int, device: torch.device, chunk=None):
-    """-> (BLOCK_M, BLOCK_N, chunk, n_splits, launch options), from shapes only (never cache_len)."""
+    """-> (BLOCK_M, BLOCK_N, chunk, n_splits, num_warps, num_stages), from shapes only (never cache_len)."""
     cap, block_n, warps, stages, per_sm = LAUNCH_PLANS["few_rows" if rows <= 64 else "many_rows"]
     block_m = min(cap, max(16, triton.next_power_of_2(rows)))
     if chunk is None:
-        splits = triton.cdiv(_programs_wanted(device, per_sm), groups * triton.cdiv(rows, block_m))
+        # about per_sm programs per SM when the cache is full; the interpreter wants few programs
+        wanted = per_sm * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        splits = triton.cdiv(wanted, groups * triton.cdiv(rows, block_m))
         chunk = block_n * triton.cdiv(slots, block_n * min(splits, MAX_SPLITS))
     assert block_m >= 16 and block_n >= 16 and chunk % block_n == 0, (block_m, block_n, chunk)
     assert triton.cdiv(slots, chunk) <= MAX_SPLITS, (slots, chunk)
-    return block_m, block_n, chunk, triton.cdiv(slots, chunk), dict(num_warps=warps, num_stages=stages)
+    return block_m, block_n, chunk, triton.cdiv(slots, chunk), warps, stages
 
 
 @registry.register("attention", "cuda", "triton", default=True)
@@ -236,19 +232,19 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     hkv, slots = k_cache.shape[2], k_cache.shape[3]
     assert d >= 16 and d == triton.next_power_of_2(d), f"head dim {d} must be a power of two >= 16"
     rows = hq // hkv * t
-    block_m, block_n, chunk, n_splits, launch = _split_plan(rows, slots, b * hkv, q.device, chunk)
+    block_m, block_n, chunk, n_splits, warps, stages = _split_plan(rows, slots, b * hkv, q.device, chunk)
     o_part = torch.empty((b * hkv, n_splits + 1, rows, d), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * hkv, n_splits + 1, rows), device=q.device, dtype=torch.float32)
     _attn_split_kernel[(triton.cdiv(rows, block_m), n_splits + 1, b * hkv)](
         q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,
         scale * _LOG2E, hkv, t, slots, rows, chunk, n_splits,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, **launch)
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     out = torch.empty_like(q)
     splits = triton.next_power_of_2(n_splits + 1)
     # GPU: about 64 partial rows per program; interpreter: one program per KV head
-    block_r = max(1, 64 // splits) if q.is_cuda else triton.next_power_of_2(rows)
+    block_r = max(2, 64 // splits) if q.is_cuda else triton.next_power_of_2(rows)
     _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv)](
-        o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r, num_warps=4)
+        o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r, num_warps=8)
     return out
 
 
