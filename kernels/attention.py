@@ -203,7 +203,9 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SP
 
 
 # (BLOCK_M cap, BLOCK_N, num_warps, num_stages, programs per SM at a full cache), for Q tiles of
-# at most 64 rows (decode, small trees) and more; picked by a sweep on an H100 (benchmarks/)
+# at most 64 rows (decode, small trees) and more. A small do_bench sweep on an H100 (BLOCK_M 32..128,
+# BLOCK_N 64/128, 2..4 stages, 1..4 programs per SM) found nothing better; it ran before the
+# one-shot reduce and was noisy, so retune with CUDA-graph timings.
 LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2), "many_rows": (64, 64, 4, 3, 2)}
 MAX_SPLITS = 63   # the reduce holds all partials of a row in registers
 
