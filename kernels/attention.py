@@ -7,10 +7,78 @@ and tree verification (n nodes). For layer ``layer`` it
      where tree_mask[t, u] (the causal mask for a chain, the ancestor mask for a tree).
 cache_len is NOT advanced here: the scheduler decides how many tokens are kept.
 Cache layout: k_cache, v_cache [L, B, Hkv, S, D]. q is [B, Hq, T, D], Hq a multiple of Hkv.
+
+After verification, ``compact_kv`` moves the K/V of the accepted path to the slots right after
+the prefix in every layer.
+
+Input checks: ``validate`` (called by every implementation) looks at shapes and dtypes only, so
+the op stays free of device->host reads and can run inside CUDA graphs. The value checks need a
+read: ``check_bounds`` (cache_len + T <= S) is run by ``validate`` when cache_len lives on the CPU;
+on the GPU the scheduler calls it where it syncs anyway (once per step). ``ancestor_mask`` checks
+its parent array. The kernels never touch slots >= S, so a missed bound check gives wrong
+attention, not memory corruption.
 """
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 from hsd.kernels import registry
+
+MAX_NEW_TOKENS = 128
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def ancestor_mask(parent: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """[T] parent indices (parent[0] = -1 for the root, parents before children) -> bool [T, T]
+    ancestor-or-self mask. ``check`` reads ``parent`` on the host (one sync on a GPU tensor)."""
+    t = parent.shape[0]
+    if check:
+        p = parent.tolist()
+        if not p or p[0] != -1 or any(not 0 <= p[i] < i for i in range(1, t)):
+            raise ValueError(f"parent must be [-1, p1, ...] with 0 <= parent[i] < i, got {p}")
+    idx = torch.arange(t, device=parent.device)
+    reach = torch.eye(t, dtype=torch.bool, device=parent.device)
+    reach[idx[1:], parent[1:]] = True
+    for _ in range(max(t - 1, 1).bit_length()):          # path doubling: 2^k >= depth
+        reach = reach | ((reach.float() @ reach.float()) > 0)
+    return reach
+
+
+def check_bounds(cache_len: torch.Tensor, new_tokens: int, slots: int):
+    """Raise ValueError unless 0 <= cache_len[b] and cache_len[b] + new_tokens <= slots for every b.
+    One device->host read: call it outside CUDA graph capture."""
+    lo, hi = (int(x) for x in torch.stack([cache_len.min(), cache_len.max()]).tolist())
+    if lo < 0 or hi + new_tokens > slots:
+        raise ValueError(f"cache_len in [{lo}, {hi}] + {new_tokens} new tokens must fit in {slots} cache slots")
+
+
+def validate(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask):
+    """Shape, dtype and layout checks of the attention op (host only; see the module doc)."""
+    if q.dim() != 4 or k_cache.dim() != 5:
+        raise ValueError(f"want q [B, Hq, T, D] and caches [L, B, Hkv, S, D], got {tuple(q.shape)}, {tuple(k_cache.shape)}")
+    b, hq, t, d = q.shape
+    n_layers, _, hkv, slots, _ = k_cache.shape
+    if not 1 <= t <= MAX_NEW_TOKENS:
+        raise ValueError(f"{t} new tokens; the op takes 1..{MAX_NEW_TOKENS}")
+    if k.shape != (b, hkv, t, d) or v.shape != k.shape or v_cache.shape != k_cache.shape \
+            or k_cache.shape[1] != b or k_cache.shape[4] != d or hq % hkv:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"caches {tuple(k_cache.shape)} {tuple(v_cache.shape)}")
+    if tree_mask.shape != (t, t) or tree_mask.dtype != torch.bool:
+        raise ValueError(f"tree_mask must be bool [{t}, {t}], got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+    if cache_len.shape != (b,) or cache_len.dtype != torch.int32:
+        raise ValueError(f"cache_len must be int32 [{b}], got {cache_len.dtype} {tuple(cache_len.shape)}")
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range for {n_layers} layers")
+    if any(x.dtype != q.dtype for x in (k, v, k_cache, v_cache)) or q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v and the caches must share one of {_DTYPES}")
+    if not all(x.is_contiguous() for x in (q, k, v, k_cache, v_cache, tree_mask)):
+        raise ValueError("q, k, v, the caches and tree_mask must be contiguous")
+    if cache_len.device.type == "cpu":
+        check_bounds(cache_len, t, slots)
 
 
 def visible_mask(cache_len: torch.Tensor, tree_mask: torch.Tensor, slots: int) -> torch.Tensor:
@@ -32,6 +100,7 @@ def write_kv(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torc
 
 @registry.register("attention", "cpu", "reference")
 def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float):
+    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask)
     write_kv(k_cache, layer, k, cache_len)
     write_kv(v_cache, layer, v, cache_len)
     b, hq, t, d = q.shape
@@ -44,3 +113,206 @@ def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_m
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     out = torch.einsum("bhgts,bhsd->bhgtd", probs, vc)
     return out.reshape(b, hq, t, d).to(q.dtype)
+
+
+# --- Triton: split-KV ("flash decoding") over the prefix, the masked tree block at the end ----
+#
+# Grid (row block, split, b * Hkv). The rows of one program are the G = Hq / Hkv query heads of
+# one KV group times the T new tokens (row r = head g * T + token t; contiguous in q), so each
+# K/V tile is read once per row block. Splits 0 .. n_splits-1 take fixed chunks of the cache
+# (the count depends on S only, so CUDA graphs can be replayed with any cache_len); a chunk past
+# cache_len[b] does nothing. Split n_splits attends to the new tokens, read from k/v (not from
+# the cache: the same launch writes them there), under the tree mask. A second kernel merges
+# the partial results through their log-sum-exps.
+
+@triton.jit
+def _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
+    s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row may see nothing in a tree tile
+    alpha = tl.exp2(m_i - base)
+    p = tl.exp2(s - base[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o_ptr, lse_ptr,
+                       qk_scale, HKV, T, S, ROWS, CHUNK, N_SPLITS,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    cache_len = tl.load(len_ptr + bh // HKV)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, tl.minimum(cache_len, S))
+    if (split == N_SPLITS) | (lo < hi):      # prefix chunks past cache_len do nothing
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < ROWS
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + bh * ROWS * D + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        if split < N_SPLITS:
+            for n0 in range(lo, hi, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < hi
+                kv = bh * S * D + cols[:, None] * D + offs_d[None, :]
+                k = tl.load(kc_ptr + kv, mask=col_ok[:, None], other=0.0)
+                v = tl.load(vc_ptr + kv, mask=col_ok[:, None], other=0.0)
+                m_i, l_i, acc = _softmax_step(q, k, v, col_ok[None, :], m_i, l_i, acc, qk_scale)
+        else:
+            for n0 in range(0, T, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < T
+                kv = bh * T * D + cols[:, None] * D + offs_d[None, :]
+                k = tl.load(k_ptr + kv, mask=col_ok[:, None], other=0.0)
+                v = tl.load(v_ptr + kv, mask=col_ok[:, None], other=0.0)
+                allowed = tl.load(mask_ptr + (rows % T)[:, None] * T + cols[None, :], mask=col_ok[None, :], other=0)
+                if pid_m == 0:                              # one row block writes the cache
+                    slots = cache_len + cols
+                    ok = (col_ok & (slots < S))[:, None]
+                    cache = bh * S * D + slots[:, None] * D + offs_d[None, :]
+                    tl.store(kc_ptr + cache, k, mask=ok)
+                    tl.store(vc_ptr + cache, v, mask=ok)
+                m_i, l_i, acc = _softmax_step(q, k, v, allowed != 0, m_i, l_i, acc, qk_scale)
+        part = bh * (N_SPLITS + 1) + split
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+                 mask=row_ok[:, None])
+        tl.store(lse_ptr + part * ROWS + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SPLITS,
+                        D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+    # all partials of BLOCK_R rows in one [SPLITS, BLOCK_R, D] tile: no latency-bound loop
+    pid_r, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    n_prefix = tl.minimum(tl.cdiv(tl.load(len_ptr + bh // HKV), CHUNK), N_SPLITS)
+    split = tl.arange(0, SPLITS)[:, None]
+    rows = tl.minimum(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), ROWS - 1)[None, :]   # pad: repeat the last
+    used = (split < n_prefix) | (split == N_SPLITS)
+    part_row = (bh * (N_SPLITS + 1) + split) * ROWS + rows                     # [SPLITS, BLOCK_R]
+    lse = tl.load(lse_ptr + part_row, mask=used, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    offs_d = tl.arange(0, D)[None, None, :]
+    o = tl.load(o_ptr + part_row[:, :, None] * D + offs_d, mask=used[:, :, None], other=0.0)
+    out = tl.sum(o * w[:, :, None], 0) / tl.sum(w, 0)[:, None]                   # [BLOCK_R, D]
+    rows_out = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(out_ptr + (bh * ROWS + rows_out)[:, None] * D + tl.arange(0, D)[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows_out < ROWS)[:, None])
+
+
+# (BLOCK_M cap, BLOCK_N, num_warps, num_stages, programs per SM at a full cache), for Q tiles of
+# at most 64 rows (decode, small trees) and more. A small do_bench sweep on an H100 (BLOCK_M 32..128,
+# BLOCK_N 64/128, 2..4 stages, 1..4 programs per SM) found nothing better; it ran before the
+# one-shot reduce and was noisy, so retune with CUDA-graph timings.
+LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2), "many_rows": (64, 64, 4, 3, 2)}
+MAX_SPLITS = 63   # the reduce holds all partials of a row in registers
+
+
+@functools.cache
+def _split_plan(rows: int, slots: int, groups: int, device: torch.device, chunk=None):
+    """-> (BLOCK_M, BLOCK_N, chunk, n_splits, num_warps, num_stages), from shapes only (never cache_len)."""
+    cap, block_n, warps, stages, per_sm = LAUNCH_PLANS["few_rows" if rows <= 64 else "many_rows"]
+    block_m = min(cap, max(16, triton.next_power_of_2(rows)))
+    if chunk is None:
+        # about per_sm programs per SM when the cache is full; the interpreter wants few programs
+        wanted = per_sm * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        splits = triton.cdiv(wanted, groups * triton.cdiv(rows, block_m))
+        chunk = block_n * triton.cdiv(slots, block_n * min(splits, MAX_SPLITS))
+    assert block_m >= 16 and block_n >= 16 and chunk % block_n == 0, (block_m, block_n, chunk)
+    assert triton.cdiv(slots, chunk) <= MAX_SPLITS, (slots, chunk)
+    return block_m, block_n, chunk, triton.cdiv(slots, chunk), warps, stages
+
+
+@registry.register("attention", "cuda", "triton", default=True)
+@registry.register("attention", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
+def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float, chunk=None):
+    """``chunk`` (slots per split, a multiple of 64) overrides the plan; tests use it."""
+    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask)
+    b, hq, t, d = q.shape
+    hkv, slots = k_cache.shape[2], k_cache.shape[3]
+    assert d >= 16 and d == triton.next_power_of_2(d), f"head dim {d} must be a power of two >= 16"
+    rows = hq // hkv * t
+    block_m, block_n, chunk, n_splits, warps, stages = _split_plan(rows, slots, b * hkv, q.device, chunk)
+    o_part = torch.empty((b * hkv, n_splits + 1, rows, d), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((b * hkv, n_splits + 1, rows), device=q.device, dtype=torch.float32)
+    _attn_split_kernel[(triton.cdiv(rows, block_m), n_splits + 1, b * hkv)](
+        q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,
+        scale * _LOG2E, hkv, t, slots, rows, chunk, n_splits,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    out = torch.empty_like(q)
+    splits = triton.next_power_of_2(n_splits + 1)
+    # GPU: about 64 partial rows per program; interpreter: one program per KV head
+    block_r = max(2, 64 // splits) if q.is_cuda else triton.next_power_of_2(rows)
+    _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv)](
+        o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r, num_warps=8)
+    return out
+
+
+# --- KV compaction after verification ---------------------------------------------------------
+
+def validate_compact(k_cache, v_cache, cache_len, src):
+    """Host-side checks of compact_kv; value bounds only when the inputs live on the CPU."""
+    if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"caches must be two [L, B, Hkv, S, D] tensors, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    b = k_cache.shape[1]
+    if src.dim() != 2 or src.shape[0] != b or not 1 <= src.shape[1] <= MAX_NEW_TOKENS or src.dtype != torch.int64:
+        raise ValueError(f"src must be int64 [{b}, 1..{MAX_NEW_TOKENS}], got {src.dtype} {tuple(src.shape)}")
+    if cache_len.shape != (b,) or cache_len.dtype != torch.int32:
+        raise ValueError(f"cache_len must be int32 [{b}], got {cache_len.dtype} {tuple(cache_len.shape)}")
+    if not all(x.is_contiguous() for x in (k_cache, v_cache, src)):
+        raise ValueError("caches and src must be contiguous")
+    if src.device.type == "cpu" and cache_len.device.type == "cpu":
+        if (src < 0).any():
+            raise ValueError("src offsets must be >= 0")
+        check_bounds(cache_len, int(src.max()) + 1, k_cache.shape[3])
+
+
+@registry.register("compact_kv", "cpu", "reference")
+def compact_kv_reference(k_cache, v_cache, cache_len, src):
+    """In every layer, copy slot cache_len[b] + src[b, j] to cache_len[b] + j (all read first)."""
+    validate_compact(k_cache, v_cache, cache_len, src)
+    n_layers, b, h, _, d = k_cache.shape
+    a = src.shape[1]
+    base = cache_len.long()[:, None]
+    def index(offsets):
+        return offsets[None, :, None, :, None].expand(n_layers, b, h, a, d)
+    for cache in (k_cache, v_cache):
+        cache.scatter_(3, index(base + torch.arange(a, device=src.device)), cache.gather(3, index(base + src)))
+
+
+@triton.jit
+def _compact_kernel(kc_ptr, vc_ptr, len_ptr, src_ptr, B, HKV, S, A,
+                    D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program per (layer, b, head, column slice): slices never overlap, so the only
+    # read-after-write hazard is inside a program (src[j'] may equal another row's target j)
+    pid, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b = (pid // HKV) % B
+    cache_len = tl.load(len_ptr + b)
+    j = tl.arange(0, BLOCK_A)
+    src = tl.load(src_ptr + b * A + j, mask=j < A, other=0)
+    from_slot, to_slot = cache_len + src, cache_len + j
+    read_ok = ((j < A) & (from_slot < S))[:, None]
+    write_ok = ((j < A) & (to_slot < S))[:, None]
+    cols = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+    base = pid * S * D
+    k = tl.load(kc_ptr + base + from_slot[:, None] * D + cols, mask=read_ok, other=0.0)
+    v = tl.load(vc_ptr + base + from_slot[:, None] * D + cols, mask=read_ok, other=0.0)
+    tl.debug_barrier()                 # every thread has read its sources before any row is written
+    tl.store(kc_ptr + base + to_slot[:, None] * D + cols, k, mask=write_ok & read_ok)
+    tl.store(vc_ptr + base + to_slot[:, None] * D + cols, v, mask=write_ok & read_ok)
+
+
+@registry.register("compact_kv", "cuda", "triton", default=True)
+@registry.register("compact_kv", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
+def compact_kv_triton(k_cache, v_cache, cache_len, src):
+    validate_compact(k_cache, v_cache, cache_len, src)
+    n_layers, b, h, slots, d = k_cache.shape
+    a = src.shape[1]
+    assert d == triton.next_power_of_2(d), f"head dim {d} must be a power of two"
+    block_d = min(d, 32)
+    _compact_kernel[(n_layers * b * h, d // block_d)](
+        k_cache, v_cache, cache_len, src, b, h, slots, a,
+        D=d, BLOCK_A=triton.next_power_of_2(a), BLOCK_D=block_d, num_warps=4)

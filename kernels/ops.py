@@ -29,6 +29,8 @@ def _(x, qweight, scales, zeros, bias, group_size):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, layer: int, cache_len: torch.Tensor,
               tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    # graphs hand over q/k/v as transposed views; the kernels want [B, H, T, D] rows (a small copy)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return registry.lookup("attention", q.device.type)(q, k, v, k_cache, v_cache, layer,
                                                        cache_len, tree_mask, scale)
 
@@ -36,3 +38,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask, scale):
     return q.new_empty(q.shape)  # contiguous [B, Hq, T, D], whatever q's strides
+
+
+@torch.library.custom_op("hsd::compact_kv", mutates_args=("k_cache", "v_cache"))
+def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor,
+               src: torch.Tensor) -> None:
+    registry.lookup("compact_kv", k_cache.device.type)(k_cache, v_cache, cache_len, src)
+
+
+@compact_kv.register_fake
+def _(k_cache, v_cache, cache_len, src):
+    return None
