@@ -55,7 +55,7 @@ def check_bounds(cache_len: torch.Tensor, new_tokens: int, slots: int):
         raise ValueError(f"cache_len in [{lo}, {hi}] + {new_tokens} new tokens must fit in {slots} cache slots")
 
 
-def validate(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask):
+def validate(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, dtypes=_DTYPES):
     """Shape, dtype and layout checks of the attention op (host only; see the module doc)."""
     if q.dim() != 4 or k_cache.dim() != 5:
         raise ValueError(f"want q [B, Hq, T, D] and caches [L, B, Hkv, S, D], got {tuple(q.shape)}, {tuple(k_cache.shape)}")
@@ -73,8 +73,8 @@ def validate(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask):
         raise ValueError(f"cache_len must be int32 [{b}], got {cache_len.dtype} {tuple(cache_len.shape)}")
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range for {n_layers} layers")
-    if any(x.dtype != q.dtype for x in (k, v, k_cache, v_cache)) or q.dtype not in _DTYPES:
-        raise ValueError(f"q, k, v and the caches must share one of {_DTYPES}")
+    if any(x.dtype != q.dtype for x in (k, v, k_cache, v_cache)) or q.dtype not in dtypes:
+        raise ValueError(f"q, k, v and the caches must share one of {dtypes}")
     if not all(x.is_contiguous() for x in (q, k, v, k_cache, v_cache, tree_mask)):
         raise ValueError("q, k, v, the caches and tree_mask must be contiguous")
     if cache_len.device.type == "cpu":
@@ -100,7 +100,7 @@ def write_kv(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torc
 
 @registry.register("attention", "cpu", "reference")
 def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float):
-    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask)
+    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask, dtypes=(*_DTYPES, torch.float64))
     write_kv(k_cache, layer, k, cache_len)
     write_kv(v_cache, layer, v, cache_len)
     b, hq, t, d = q.shape
@@ -108,10 +108,10 @@ def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_m
     acc = torch.promote_types(q.dtype, torch.float32)  # fp64 tests stay fp64
     kc, vc = k_cache[layer].to(acc), v_cache[layer].to(acc)                    # [B, Hkv, S, D]
     qg = q.to(acc).reshape(b, hkv, hq // hkv, t, d)
-    scores = torch.einsum("bhgtd,bhsd->bhgts", qg, kc) * scale
+    scores = (qg @ kc.unsqueeze(2).transpose(-1, -2)) * scale                 # [B, Hkv, G, T, S]
     mask = visible_mask(cache_len, tree_mask, slots)[:, None, None]             # [B, 1, 1, T, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    out = torch.einsum("bhgts,bhsd->bhgtd", probs, vc)
+    out = probs @ vc.unsqueeze(2)
     return out.reshape(b, hq, t, d).to(q.dtype)
 
 

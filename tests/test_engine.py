@@ -88,3 +88,15 @@ def test_compile_from_a_checkpoint_path(tmp_path):
     model.save_pretrained(tmp_path)
     engine = hsd.compile(str(tmp_path), dtype=torch.float32, max_seq_len=16, prefill_chunk=4)
     testing.assert_engine_matches_model(engine, model, testing.random_ids(config))
+
+
+def test_engine_with_triton_attention_under_the_interpreter():
+    config = testing.tiny_config("qwen2")
+    model = testing.tiny_model(config)
+    with registry.use("attention", "triton"):
+        engine = hsd.compile(model, max_seq_len=24, prefill_chunk=4)
+        ids = testing.random_ids(config, length=6)
+        testing.assert_engine_matches_model(engine, model, ids)
+        tokens = engine.generate(ids, max_new_tokens=6)
+    reference = hsd.compile(model, max_seq_len=24, prefill_chunk=4).generate(ids, max_new_tokens=6)
+    assert tokens.tolist() == reference.tolist()

@@ -1,0 +1,3 @@
+from hsd.cli import main
+
+raise SystemExit(main())
