@@ -1,4 +1,12 @@
 """hsd: compile quantized Hugging Face LMs into fast (speculative) decoders on torch.compile."""
+import pathlib as _pathlib
+
+# In a source checkout hsd.passes / hsd.lowering / hsd.kernels live in the top-level folders
+# passes/, lowering/, kernels/ (a wheel maps them under hsd/). Searching the checkout root too
+# makes them importable whatever editable-install mode setuptools chose, or with PYTHONPATH alone.
+_root = _pathlib.Path(__file__).resolve().parent.parent
+if (_root / "pyproject.toml").is_file() and (_root / "kernels").is_dir():
+    __path__.append(str(_root))
 from hsd import kernels  # noqa: F401  (registers the hsd ops before any graph uses them)
 from hsd.api import compile
 from hsd.capture import SUPPORTED_ARCHITECTURES, UnsupportedModelError
