@@ -34,6 +34,13 @@ def run(model, ids, new_tokens, quant):
     with torch.no_grad():
         ref = model(ids).logits
     sqnr = testing.sqnr_db(ref.float(), logits.float())
+    if quant:  # random weights amplify quantization error: compare with the RTN reference too
+        reference = testing.fake_quantized(model)
+        with torch.no_grad():
+            expected = reference(ids).logits.float()
+        del reference
+        kernel_sqnr = testing.sqnr_db(expected, logits.float())
+        expected_sqnr = testing.sqnr_db(ref.float(), expected)
     engine.generate(ids, max_new_tokens=8)  # builds and captures the decode step
     setup_s = time.perf_counter() - start
     runs = []
@@ -43,6 +50,8 @@ def run(model, ids, new_tokens, quant):
     tok_s = sorted(runs)[1]
     weight_gb = engine.weight_bytes(1) / 1e9
     row = dict(quant=quant or "fp16", logits_sqnr_db=round(sqnr, 1), decode_tok_s=round(tok_s, 1),
+               rtn_reference_sqnr_db=round(expected_sqnr, 1) if quant else None,
+               sqnr_vs_rtn_reference_db=round(kernel_sqnr, 1) if quant else None,
                weight_gb=round(weight_gb, 2), achieved_gb_s=round(tok_s * weight_gb, 0),
                setup_s=round(setup_s, 1), prefill_ms=round(engine.stats.prefill_s * 1e3, 1),
                passes=[str(r) for r in engine.pass_report[1]])
@@ -74,10 +83,10 @@ def main():
         (out / "decode.json").write_text(json.dumps(result, indent=1))
     for row in rows:
         print("\n".join(row.pop("passes")))
-    print(f"{'quant':>6} {'SQNR dB':>8} {'tok/s':>7} {'weights GB':>10} {'GB/s':>6} {'setup s':>8}")
+    print(f"{'quant':>6} {'SQNR dB':>8} {'vs RTN ref':>10} {'tok/s':>7} {'weights GB':>10} {'GB/s':>6} {'setup s':>8}")
     for r in rows:
-        print(f"{r['quant']:>6} {r['logits_sqnr_db']:>8} {r['decode_tok_s']:>7} {r['weight_gb']:>10} "
-              f"{r['achieved_gb_s']:>6.0f} {r['setup_s']:>8}")
+        print(f"{r['quant']:>6} {r['logits_sqnr_db']:>8} {str(r['sqnr_vs_rtn_reference_db']):>10} "
+              f"{r['decode_tok_s']:>7} {r['weight_gb']:>10} {r['achieved_gb_s']:>6.0f} {r['setup_s']:>8}")
 
 
 if __name__ == "__main__":

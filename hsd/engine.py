@@ -165,9 +165,12 @@ class Engine:
         return input_ids.to(self.device, torch.long)
 
     def weight_bytes(self, tokens: int = 1) -> int:
-        """Bytes of weights the T-token step reads (the embedding table is gathered, not read)."""
+        """Bytes of weights the T-token step reads; a table only gathered from (the embedding,
+        unless tied to the lm_head) counts as not read."""
         gm = self.graphs[tokens]
-        return sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if "embed_tokens" not in name)
+        gathered = {n.target for n in gm.graph.nodes if n.op == "get_attr"
+                    and all(u.target is torch.nn.functional.embedding for u in n.users)}
+        return sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if name not in gathered)
 
 
 def _generation(model, key):

@@ -30,6 +30,8 @@ def _add_attr(gm, graph, before, target, tensor):
 
 
 def _drop_unused_attrs(gm):
+    """Forget weights no node reads any more, so the graph does not keep them alive."""
+    gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_buffers()):
         if name not in used:

@@ -64,3 +64,13 @@ def test_group_size_must_divide_width():
 def test_unknown_quant_is_refused():
     with pytest.raises(ValueError, match="unknown quant 'w3a16'; known: w4a16"):
         hsd.compile(testing.tiny_model(testing.tiny_config()), quant="w3a16")
+
+
+def test_replaced_weights_are_released():
+    config = testing.tiny_config(tie_word_embeddings=False)
+    model = testing.tiny_model(config)
+    gm = hsd.capture.capture(model, 1, 4)
+    gm, _ = hsd.passes.PassManager([FuseSiblingLinears(), QuantizeLinear(group_size=32)])(gm)
+    names = {name for name, _ in gm.named_buffers()}
+    assert not any(name.endswith("proj.weight") for name in names), names
+    assert "lm_head.weight" in names and "model.layers.0.mlp.down_proj.qweight" in names
