@@ -11,6 +11,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutput
 
 from hsd.capture import capture
+from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
 from hsd.kv_cache import KVCache
 from hsd.lowering import lower
 from hsd.passes import PassManager
@@ -87,6 +88,35 @@ class Engine:
 
     def _positions(self, tokens):
         return self.cache.length.long()[:, None] + torch.arange(tokens, device=self.device)
+
+    # ---- trees: verification and acceptance ----------------------------------------------------
+    def verify(self, tokens: torch.Tensor, parents) -> tuple:
+        """Run a tree of n new tokens [B, n] after the cached prefix in one step. ``parents``
+        [n]: parents[0] = -1 (node 0, the root, is the newest token, not yet cached) and
+        0 <= parents[i] < i; a chain is [-1, 0, 1, ...]. Node i sits at position
+        prefix + depth(i) and sees the prefix and its ancestors. Returns (logits [B, n, V],
+        hidden [B, n, H]); the cache length is unchanged until ``accept``."""
+        parents = torch.as_tensor(parents, dtype=torch.long)
+        n = parents.shape[0]
+        if tokens.dim() != 2 or tokens.shape != (self.batch_size, n):
+            raise ValueError(f"tokens must be [{self.batch_size}, {n}] for {n} tree nodes, got {tuple(tokens.shape)}")
+        if n > MAX_NEW_TOKENS:
+            raise ValueError(f"a tree of {n} nodes exceeds the attention op's limit of {MAX_NEW_TOKENS}")
+        free = self.cache.max_seq_len - int(self.cache.length.max())
+        if n > free:
+            raise ValueError(f"a tree of {n} nodes does not fit: the cache holds {self.cache.max_seq_len - free} "
+                             f"of max_seq_len={self.cache.max_seq_len} tokens")
+        mask = ancestor_mask(parents).to(self.device)  # raises on a parent not before its child
+        depth = mask.sum(-1) - 1
+        positions = self.cache.length.long()[:, None] + depth
+        return self.step(tokens.to(self.device), positions, mask)
+
+    def accept(self, path: torch.Tensor):
+        """Keep the tree nodes ``path`` [B, A] (root first, each the parent of the next): move
+        their K/V to the slots right after the prefix in every layer, then advance the cache."""
+        path = path.to(self.device, torch.long)
+        torch.ops.hsd.compact_kv(self.cache.k, self.cache.v, self.cache.length, path)
+        self.cache.length += path.shape[1]
 
     # ---- user API ----------------------------------------------------------------------------
     @torch.no_grad()
