@@ -2,6 +2,7 @@
 import torch
 
 from hsd.capture import check_supported
+from hsd import spec as hsd_spec
 from hsd.engine import Engine
 from hsd.kv_cache import KVCache
 from hsd.lowering import BACKENDS, default_backend
@@ -10,7 +11,7 @@ from hsd.passes import QUANT_SCHEMES, FuseSiblingLinears, PassManager, QuantizeL
 
 def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, max_seq_len: int = 2048,
             batch_size: int = 1, prefill_chunk: int = 128, group_size: int = 128, fuse: bool = True,
-            backend=None, dump_graphs=None) -> Engine:
+            backend=None, dump_graphs=None, spec=None, draft=None, spec_config=None, draft_quant=None):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
@@ -18,6 +19,10 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     QuantizeLinear (if ``quant``). ``dump_graphs``: a directory for each graph before and after
     every pass (or set HSD_DUMP_GRAPHS). ``backend``: "inductor" (CUDA default, with CUDA
     graphs), "aot_eager" or "eager" (CPU default).
+
+    ``spec``: None (autoregressive) or a speculative pipeline name ("draft": ``draft`` is a
+    smaller LM, compiled with ``draft_quant``); ``spec_config`` its settings dataclass
+    (``hsd.spec.DraftConfig``). Returns an ``Engine`` or, with ``spec``, an ``hsd.spec.Speculative``.
     """
     if quant is not None and quant not in QUANT_SCHEMES:
         raise ValueError(f"unknown quant {quant!r}; known: {', '.join(QUANT_SCHEMES)} (or None)")
@@ -41,8 +46,16 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     if quant is not None:
         builtin.append(QuantizeLinear(quant, group_size=group_size))
     cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, param.dtype, param.device)
-    return Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
-                  backend or default_backend(param.device), min(prefill_chunk, max_seq_len))
+    engine = Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
+                    backend or default_backend(param.device), min(prefill_chunk, max_seq_len))
+    if spec is None:
+        return engine
+
+    def compile_model(m, quant=draft_quant):
+        return compile(m, quant=quant, dtype=param.dtype, device=param.device, max_seq_len=max_seq_len,
+                       batch_size=batch_size, prefill_chunk=prefill_chunk, group_size=group_size,
+                       fuse=fuse, backend=backend)
+    return hsd_spec.build(spec, engine, draft, spec_config, compile_model)
 
 
 def _load(model_or_path, dtype):

@@ -4,7 +4,6 @@ A *step* runs T new tokens per row against the cache: prefill chunks (T = prefil
 causal), decode (T = 1), and later chain and tree verification. Each T gets its own captured,
 rewritten and lowered graph, built on first use; passes share converted weights between them.
 """
-import dataclasses
 import time
 
 import torch
@@ -15,24 +14,8 @@ from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
 from hsd.kv_cache import KVCache
 from hsd.lowering import lower
 from hsd.passes import PassManager
-
-
-@dataclasses.dataclass
-class Stats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    steps: int = 0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
-
-    def __str__(self):
-        return (f"prompt {self.prompt_tokens} tok in {self.prefill_s * 1e3:.1f} ms, "
-                f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s "
-                f"({self.steps} steps)")
+from hsd.sampling import select
+from hsd.stats import Stats, now
 
 
 class Engine:
@@ -124,59 +107,71 @@ class Engine:
         """Logits of every position of ``input_ids`` [B, P], like the Hugging Face model."""
         input_ids = self._check(input_ids, 0)
         self.cache.reset()
-        return CausalLMOutput(logits=self._prefill(input_ids, all_logits=True))
+        return CausalLMOutput(logits=self._prefill(input_ids, all_positions=True)[0])
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id=None,
-                 pad_token_id=None) -> torch.Tensor:
-        """Greedy decoding: returns [B, P + n] with n <= max_new_tokens; stops when every row
-        has produced an EOS (rows that finished earlier are padded with ``pad_token_id``)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        input_ids = self._check(input_ids, max_new_tokens)
-        eos = _as_list(eos_token_id if eos_token_id is not None else _generation(self.model, "eos_token_id"))
-        pad = pad_token_id if pad_token_id is not None else _generation(self.model, "pad_token_id")
-        pad = pad if pad is not None else (eos[0] if eos else 0)
-        eos_t = torch.tensor(eos, device=self.device, dtype=torch.long)
-        stats = self.stats = Stats(prompt_tokens=input_ids.shape[1])
-
-        for tokens in (self.prefill_chunk, 1):  # compile outside the timed region
-            self._steps.get(tokens) or self._build(tokens)
-        start = _now(self.device)
-        self.cache.reset()
-        token = self._prefill(input_ids)[:, -1].argmax(-1)
-        stats.prefill_s = _now(self.device) - start
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+                 eos_token_id=None, pad_token_id=None) -> torch.Tensor:
+        """Autoregressive decoding, greedy or sampled at ``temperature``: returns [B, P + n] with
+        n <= max_new_tokens; stops when every row has produced an EOS (rows that finished
+        earlier are padded with ``pad_token_id``)."""
+        input_ids, eos, pad = self.prepare(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        stats = self.stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
+        start = now(self.device)
+        token = select(self.prefill(input_ids)[0], temperature)
+        stats.prefill_s = now(self.device) - start
         out = [token]
-        done = torch.isin(token, eos_t)
-        start = _now(self.device)
+        done = torch.isin(token, eos)
+        start = now(self.device)
         causal1 = self.causal_mask(1)
         while len(out) < max_new_tokens and not bool(done.all()):
             logits, _ = self.step(token[:, None], self._positions(1), causal1)
             self.cache.length += 1
-            token = torch.where(done, pad, logits[:, -1].argmax(-1))
-            done |= torch.isin(token, eos_t)
+            token = torch.where(done, pad, select(logits[:, -1], temperature))
+            done |= torch.isin(token, eos)
             out.append(token)
-            stats.steps += 1
-        stats.decode_s = _now(self.device) - start
+            stats.target_steps += 1
+        stats.decode_s = now(self.device) - start
         stats.new_tokens = len(out)
         return torch.cat([input_ids, torch.stack(out, 1)], 1)
 
-    def _prefill(self, input_ids, all_logits=False):
+    def prepare(self, input_ids, max_new_tokens, eos_token_id=None, pad_token_id=None, room=0, steps=(1,)):
+        """Check a generation request and build the steps it needs (token counts ``steps``)
+        before anything is timed. ``room``: extra cache slots a speculative step may use past
+        max_new_tokens. Returns (input_ids on the device, EOS ids tensor, pad id)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids = self._check(input_ids, max_new_tokens + room)
+        eos = _as_list(eos_token_id if eos_token_id is not None else _generation(self.model, "eos_token_id"))
+        pad = pad_token_id if pad_token_id is not None else _generation(self.model, "pad_token_id")
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        for tokens in (self.prefill_chunk, *steps):
+            self._steps.get(tokens) or self._build(tokens)
+        return input_ids, torch.tensor(eos, device=self.device, dtype=torch.long), pad
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple:
+        """Reset the cache and run the prompt: returns (logits, hidden) of its last position."""
+        self.cache.reset()
+        logits, hidden = self._prefill(input_ids)
+        return logits[:, -1], hidden[:, -1]
+
+    def _prefill(self, input_ids, all_positions=False):
         """Run the prompt in causal chunks of ``prefill_chunk`` tokens (the last one padded) and
-        advance the cache; returns the logits of every prompt position, or of the last chunk."""
+        advance the cache; returns (logits, hidden) of every prompt position, or of the last chunk."""
         chunk = self.prefill_chunk
         mask = self.causal_mask(chunk)
-        pieces = []
+        logits, hidden = [], []
         for start in range(0, input_ids.shape[1], chunk):
             ids = input_ids[:, start:start + chunk]
             n = ids.shape[1]
             if n < chunk:
                 ids = torch.nn.functional.pad(ids, (0, chunk - n))
-            logits, _ = self.step(ids, self._positions(chunk), mask)
+            step_logits, step_hidden = self.step(ids, self._positions(chunk), mask)
             self.cache.length += n
-            if all_logits or start + chunk >= input_ids.shape[1]:
-                pieces.append(logits[:, :n].clone())
-        return torch.cat(pieces, 1)
+            if all_positions or start + chunk >= input_ids.shape[1]:
+                logits.append(step_logits[:, :n].clone())
+                hidden.append(step_hidden[:, :n].clone())
+        return torch.cat(logits, 1), torch.cat(hidden, 1)
 
     def _check(self, input_ids, new_tokens):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
@@ -212,8 +207,3 @@ def _generation(model, key):
 def _as_list(x):
     return [] if x is None else ([x] if isinstance(x, int) else list(x))
 
-
-def _now(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -1,0 +1,134 @@
+"""Speculative pipelines composed from compiled engines.
+
+``Speculative`` wraps a target engine and a pipeline; it has the engine's interface
+(``__call__`` gives the target's logits, ``generate``, ``stats``). Pipelines only call the
+engines' step functions (``prefill``, ``verify``, ``accept``, ``step``), so every speculative
+step has a fixed shape that compiles once and replays as a CUDA graph.
+"""
+import dataclasses
+
+import torch
+
+from hsd.engine import Engine
+from hsd.sampling import accept_chain, probs, select
+from hsd.stats import Stats, now
+
+
+@dataclasses.dataclass
+class DraftConfig:
+    """Vanilla speculation: a smaller LM drafts ``k`` tokens, the target verifies k + 1."""
+    k: int = 6
+
+    def validate(self):
+        if not 1 <= self.k <= 127:
+            raise ValueError(f"draft k must be in 1..127 (the target verifies k + 1 <= 128 tokens), got {self.k}")
+
+
+class DraftPipeline:
+    """Draft model proposes a chain greedily (or by sampling), the target verifies it in one step.
+
+    Both engines hold the accepted text in their caches, except the newest token. The draft's
+    cache may also lack the last draft token when all k were accepted: ``pending`` holds the
+    1 or 2 tokens it must consume before drafting again (two fixed step shapes).
+    """
+
+    def __init__(self, target: Engine, draft: Engine, config: DraftConfig):
+        config.validate()
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"draft vocab {draft.config.vocab_size} != target vocab {target.config.vocab_size}: "
+                             "the draft must share the target's tokenizer")
+        if target.batch_size != 1 or draft.batch_size != 1:
+            raise ValueError("draft-model speculation runs at batch size 1")
+        self.target, self.draft, self.config = target, draft, config
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=32, temperature=0.0, eos_token_id=None, pad_token_id=None):
+        k = self.config.k
+        target, draft = self.target, self.draft
+        input_ids, eos, _ = target.prepare(input_ids, max_new_tokens, eos_token_id, pad_token_id,
+                                           room=k + 1, steps=(k + 1,))
+        draft.prepare(input_ids, max_new_tokens, room=k + 1, steps=(1, 2))
+        stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
+        start = now(target.device)
+        first = select(target.prefill(input_ids)[0], temperature)          # [1]
+        draft.prefill(input_ids)
+        stats.prefill_s = now(target.device) - start
+        out, pending = [first], [first]
+        produced, done = 1, bool(torch.isin(first, eos).any())
+        begin = now(target.device)
+        while produced < max_new_tokens and not done:
+            tick = now(target.device)
+            tokens, q = self._draft(pending, k, temperature)
+            stats.draft_s += (tock := now(target.device)) - tick
+            logits, _ = target.verify(torch.cat([pending[-1], tokens])[None], list(range(-1, k)))
+            n, nxt = accept_chain(logits[0], tokens, q, temperature)
+            n = int(n)  # the step's one host sync
+            target.accept(torch.arange(n + 1, device=target.device)[None])
+            # the draft's cache holds pending + tokens[:k-1]: drop the rejected ones
+            draft.cache.length -= (k - 1) - min(n, k - 1)
+            pending = [tokens[k - 1:], nxt[None]] if n == k else [nxt[None]]
+            new = torch.cat([tokens[:n], nxt[None]])
+            out.append(new)
+            produced += n + 1
+            done = bool(torch.isin(new, eos).any())
+            stats.verify_s += now(target.device) - tock
+            stats.target_steps += 1
+        stats.decode_s = now(target.device) - begin
+        new = _truncate(torch.cat(out), max_new_tokens, eos)
+        stats.new_tokens = new.shape[0]
+        self.stats = stats
+        return torch.cat([input_ids, new[None]], 1)
+
+    def _draft(self, pending, k, temperature):
+        """Feed the pending tokens, then draft k tokens; returns (tokens [k], their dists [k, V])."""
+        draft = self.draft
+        ids = torch.cat(pending)[None]
+        tokens, dists = [], []
+        for _ in range(k):
+            logits, _ = draft.verify(ids, list(range(-1, ids.shape[1] - 1)))
+            draft.cache.length += ids.shape[1]
+            last = logits[0, -1]
+            token = select(last, temperature)                              # 0-d
+            tokens.append(token)
+            dists.append(probs(last, temperature) if temperature > 0 else last)
+            ids = token[None, None]
+        return torch.stack(tokens), torch.stack(dists)
+
+
+def _truncate(tokens, max_new_tokens, eos):
+    """Cut at max_new_tokens and just after the first EOS."""
+    tokens = tokens[:max_new_tokens]
+    hits = torch.isin(tokens, eos).nonzero()
+    return tokens[: int(hits[0]) + 1] if hits.numel() else tokens
+
+
+class Speculative:
+    """A target engine driven by a speculative pipeline; the Engine's user interface."""
+
+    def __init__(self, target: Engine, pipeline):
+        self.target, self.pipeline = target, pipeline
+        self.stats = Stats()
+
+    def __call__(self, input_ids):
+        return self.target(input_ids)
+
+    def generate(self, input_ids, max_new_tokens=32, temperature=0.0, eos_token_id=None, pad_token_id=None):
+        out = self.pipeline.generate(input_ids, max_new_tokens, temperature, eos_token_id, pad_token_id)
+        self.stats = self.pipeline.stats
+        return out
+
+
+def _draft_pipeline(target, draft, config, compile_model):
+    if draft is None:
+        raise ValueError('spec="draft" needs draft= (a smaller causal LM of the same tokenizer, or its path)')
+    return DraftPipeline(target, draft if isinstance(draft, Engine) else compile_model(draft), config or DraftConfig())
+
+
+PIPELINES = {"draft": _draft_pipeline}
+
+
+def build(spec: str, target: Engine, draft, config, compile_model) -> Speculative:
+    """``compile_model(model_or_path)`` compiles a draft model with the target's settings."""
+    if spec not in PIPELINES:
+        raise ValueError(f"unknown spec {spec!r}; known: {', '.join(PIPELINES)} (or None for autoregressive)")
+    return Speculative(target, PIPELINES[spec](target, draft, config, compile_model))

@@ -1,0 +1,43 @@
+"""Generation statistics, the same for every pipeline.
+
+A *target step* is one forward of the target model that yields tokens: the prefill (1 token)
+and each decode or verification step (1 token for AR, accepted drafts + 1 for speculation), so
+tau = new_tokens / target_steps is 1.0 for AR and the mean tokens per target step otherwise.
+"""
+import dataclasses
+import time
+
+import torch
+
+
+@dataclasses.dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0     # everything after the prefill: drafting and verification
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        return self.new_tokens / self.target_steps if self.target_steps else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first (which the prefill yields) per second of decoding."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    def __str__(self):
+        text = (f"prompt {self.prompt_tokens} tok in {self.prefill_s * 1e3:.1f} ms, {self.new_tokens} new tok, "
+                f"decode {self.decode_tokens_per_s:.1f} tok/s, tau {self.tau:.2f} ({self.target_steps} target steps)")
+        if self.draft_s:
+            text += f", draft {self.draft_s * 1e3:.0f} ms / verify {self.verify_s * 1e3:.0f} ms"
+        return text
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
