@@ -141,7 +141,7 @@ class Engine:
         max_new_tokens. Returns (input_ids on the device, EOS ids tensor, pad id)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        input_ids = self._check(input_ids, max_new_tokens + room)
+        input_ids = self._check(input_ids, max_new_tokens, room)
         eos = _as_list(eos_token_id if eos_token_id is not None else _generation(self.model, "eos_token_id"))
         pad = pad_token_id if pad_token_id is not None else _generation(self.model, "pad_token_id")
         pad = pad if pad is not None else (eos[0] if eos else 0)
@@ -173,7 +173,7 @@ class Engine:
                 hidden.append(step_hidden[:, :n].clone())
         return torch.cat(logits, 1), torch.cat(hidden, 1)
 
-    def _check(self, input_ids, new_tokens):
+    def _check(self, input_ids, new_tokens, room=0):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError("input_ids must be an integer tensor of shape [batch, tokens]")
         b, p = input_ids.shape
@@ -181,8 +181,9 @@ class Engine:
             raise ValueError(f"this engine was compiled for batch_size={self.batch_size}, got input_ids of batch {b}")
         if p == 0:
             raise ValueError("input_ids is empty")
-        if p + new_tokens > self.cache.max_seq_len:
-            raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({new_tokens}) exceeds the KV cache's "
+        if p + new_tokens + room > self.cache.max_seq_len:
+            extra = f" + {room} slots for the last speculative step" if room else ""
+            raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({new_tokens}){extra} exceeds the KV cache's "
                              f"max_seq_len={self.cache.max_seq_len}; pass a larger max_seq_len to hsd.compile")
         vocab = self.config.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
