@@ -13,7 +13,7 @@ from hsd.capture import capture
 from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
 from hsd.kv_cache import KVCache
 from hsd.lowering import lower
-from hsd.passes import PassManager
+from hsd.passes import PassManager, check_materialised
 from hsd.sampling import select
 from hsd.stats import Stats, now
 
@@ -54,8 +54,9 @@ class Engine:
     def _build(self, tokens):
         start = time.perf_counter()
         with torch.no_grad():
-            gm = capture(self.model, self.batch_size, tokens)
+            gm = capture(self.model, self.batch_size, tokens, self.device)
             gm, self.pass_report[tokens] = self.passes(gm, tag=f"t{tokens}_")
+            check_materialised(gm)
         self.graphs[tokens] = gm
         inputs = dict(input_ids=torch.zeros(self.batch_size, tokens, dtype=torch.long, device=self.device),
                       position_ids=self._positions(tokens), cache_len=self.cache.length,
