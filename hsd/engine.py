@@ -13,7 +13,7 @@ from hsd.capture import capture
 from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
 from hsd.kv_cache import KVCache
 from hsd.lowering import lower
-from hsd.passes import PassManager, check_materialised
+from hsd.passes import PassManager, QuantizeLinear, check_materialised
 from hsd.sampling import select
 from hsd.stats import Stats, now
 
@@ -35,6 +35,14 @@ class Engine:
         self.stats = Stats()
         self._steps = {}
         self._masks = {}
+
+    def with_passes(self, *extra) -> "Engine":
+        """An engine over the same model, KV cache and converted weights (the passes are shared,
+        so are their weight caches) whose step graphs also run ``extra`` passes at the end."""
+        if not any(isinstance(p, QuantizeLinear) for p in self.passes.passes):
+            raise ValueError("sharing weights between modes needs a quantized engine (quant='w4a16')")
+        passes = PassManager([*self.passes.passes, *extra], dump_dir=self.passes.dump_dir)
+        return Engine(self.model, passes, self.cache, self.backend, self.prefill_chunk)
 
     # ---- steps -------------------------------------------------------------------------------
     def step(self, input_ids, position_ids, tree_mask):

@@ -109,3 +109,29 @@ def test_bad_speculation_settings_are_refused():
                          spec_config=DraftConfig(k=4))
     with pytest.raises(ValueError, match="exceeds the KV cache's max_seq_len=16"):
         engine.generate(testing.random_ids(config, length=6), max_new_tokens=6)
+
+
+@given(testing.model_configs(width_multiple=32), testing.seeds(), st.sampled_from([4, 8]), st.integers(1, 4))
+def test_qspec_is_lossless_against_w4a16_autoregressive(config, seed, bits, k):
+    target = testing.tiny_model(config, seed, dtype=torch.float64)
+    ids = testing.random_ids(config, seed, length=4)
+    kwargs = dict(quant="w4a16", group_size=32, max_seq_len=40, prefill_chunk=4)
+    expected = hsd.compile(target, **kwargs).generate(ids, max_new_tokens=14)
+    engine = hsd.compile(target, **kwargs, spec="qspec", spec_config=hsd.spec.QSpecConfig(k=k, act_bits=bits))
+    assert engine.generate(ids, max_new_tokens=14).tolist() == expected.tolist()
+    assert engine.stats.tau >= 1.0
+
+
+def test_qspec_shares_weights_and_cache():
+    config = testing.tiny_config()
+    engine = hsd.compile(testing.tiny_model(config), quant="w4a16", group_size=32, max_seq_len=32,
+                         prefill_chunk=4, spec="qspec")
+    engine.generate(testing.random_ids(config, length=4), max_new_tokens=8)
+    target, draft = engine.pipeline.target, engine.pipeline.draft
+    assert draft.cache is target.cache
+    verify, drafting = target.graphs[4], draft.graphs[1]   # the k + 1 = 4 verify step, a draft step
+    name = "model.layers.0.mlp.down_proj.qweight"
+    assert verify.get_buffer(name).data_ptr() == drafting.get_buffer(name).data_ptr()
+    assert hsd.passes.node_kinds(drafting)["quantize_per_token"] == hsd.passes.node_kinds(drafting)["hsd.w4a16_linear"]
+    with pytest.raises(ValueError, match="needs a quantized engine"):
+        hsd.compile(testing.tiny_model(config), spec="qspec")
