@@ -3,13 +3,30 @@
 Weight format (the GPTQ layout, so GPTQ checkpoints load without repacking), for a Linear with
 N outputs and K inputs and group size G (G = K means one group per output channel):
   qweight  int32 [K // 8, N]   nibble i of word r holds k = 8 r + i, lowest bits first
-  scales   [K // G, N]         activation dtype
-  zeros    [K // G, N] or None same dtype as scales; None means the symmetric zero point 8
+  scales   [K // G, N]         float (usually the activation dtype)
+  zeros    [K // G, N] or None float, same shape as scales; None means the symmetric zero point 8
   w[n, k] = (q[k, n] - zero[k // G, n]) * scales[k // G, n]
 
 This file holds the quantizer (round-to-nearest), pack/unpack, the torch reference, the Triton
-kernel with its launcher, and a benchmark against cuBLAS fp16 (``python -m hsd.kernels.w4a16``).
+kernel with its launcher and config table, and ``tune()``, which times candidate configs on the
+current GPU and writes the table (``kernels/configs/w4a16_<gpu>.json``).
+
+The kernel has to stay fast from M = 1 (decode) to M = 64+ (tree verification). Three choices
+make that work:
+  * Weights are the A operand of the dot (it computes y.T = W @ x.T): tensor cores are at least
+    64 wide along A's rows, so putting the weights there wastes nothing when M is 1..16, and
+    Hopper's wgmma can take A straight from registers, where the dequantized tile is made.
+  * No reshape of the unpacked nibbles: nibble i of every word in a [BLOCK_N, BLOCK_K // 8] tile
+    is one [BLOCK_N, BLOCK_K // 8] operand, multiplied with the activations at k = 8 r + i
+    (8 dots per tile). The order of k inside a dot does not matter.
+  * Small M splits K over several programs (SPLIT_K) that add into the output atomically, so
+    even N = 4096 fills every SM; large M uses plain tiles (SPLIT_K = 1).
 """
+import functools
+import json
+import math
+import pathlib
+
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +34,8 @@ import triton.language as tl
 from hsd.kernels import registry
 
 SYMMETRIC_ZERO = 8
+CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def quantize_rtn(w: torch.Tensor, group_size: int, symmetric: bool = True):
@@ -70,80 +89,237 @@ def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int):
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
-                  stride_xm, stride_ym, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _nibble_minus_zero(word, i: tl.constexpr, zero):
+    """(nibble i of each word) - zero, exact, in zero's dtype (fp16, bf16 or fp32).
+
+    OR-ing 4 bits into the mantissa of 1024 (fp16), 128 (bf16) or 2**23 (fp32) gives that power
+    of two plus the nibble without an int->float conversion, whose throughput on NVIDIA GPUs is
+    a quarter of plain arithmetic and would cap the kernel below memory bandwidth.
+    """
+    bits = (word >> (4 * i)) & 0xF
+    if zero.dtype == tl.float16:
+        w = (bits | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return w - (zero + 1024.0)
+    elif zero.dtype == tl.bfloat16:
+        w = (bits | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return w - (zero + 128.0)
+    else:
+        w = (bits | 0x4B000000).to(tl.float32, bitcast=True)
+        return w - (zero + 8388608.0)
+
+
+# M and the split length only bound loops and masks: one compiled kernel serves every value
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                  tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dtype = x_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_K // 8)  # word rows of a tile; row r holds k = 8 r .. 8 r + 7
     mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
-        # each int32 word is loaded for its 8 k rows; the repeats hit L1
-        q = tl.load(qw_ptr + (kk[:, None] // 8) * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        q = (q >> ((kk[:, None] % 8) * 4)) & 0xF
-        g = kk[:, None] // G
-        s = tl.load(s_ptr + g * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + g * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+    first = pid_k * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
+    for t in range(first, last):
+        k0 = t * BLOCK_K
+        rows = k0 // 8 + offs_r
+        mask_r = rows < K // 8
+        q = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
+                    mask=mask_n[:, None] & mask_r[None, :], other=0)
+        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + 8 * rows[:, None]
+        x_mask = mask_r[:, None] & mask_m[None, :]
+        if SCALE_PER_TILE:
+            # The tile lies in one group: dot the integers (q - zero), scale the [N, M] result
+            # once, instead of scaling BLOCK_K times as many weights.
+            g = k0 // G
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(dtype)[:, None]
+            else:
+                zero = tl.full((1, 1), 8.0, dtype)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for i in tl.static_range(8):
+                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
+                part = tl.dot(_nibble_minus_zero(q, i, zero), x, part, input_precision=PRECISION)
+            acc += part * s[:, None]
         else:
-            z = 8.0
-        w = ((q.to(tl.float32) - z) * s).to(x.dtype)
-        acc += tl.dot(x, w)
+            # Several groups per tile; G is a multiple of 8, so all nibbles of a word share one.
+            sz_offs = ((k0 + 8 * offs_r) // G)[None, :] * N + offs_n[:, None]
+            sz_mask = mask_n[:, None] & mask_r[None, :]
+            s = tl.load(s_ptr + sz_offs, mask=sz_mask, other=0.0).to(dtype)
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + sz_offs, mask=sz_mask, other=0.0).to(dtype)
+            else:
+                zero = tl.full((1, 1), 8.0, dtype)
+            for i in tl.static_range(8):
+                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
+                acc = tl.dot(_nibble_minus_zero(q, i, zero) * s, x, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        # with SPLIT_K > 1 only the first split adds the bias
+        b = tl.load(b_ptr + offs_n, mask=offs_n < tl.where(pid_k == 0, N, 0), other=0.0)
+        acc += b.to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    y_mask = mask_n[:, None] & mask_m[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc.to(dtype), mask=y_mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(dtype), mask=y_mask)
 
 
-def _blocks(m: int, k: int, group_size: int):
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = min(128, group_size, k)
-    return block_m, 64, block_k
+# --------------------------------------------------------------------------- configs
+
+def _bucket(m: int) -> int:
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def _load_tables() -> dict:
+    """{device name: {"N,K": {"M bucket": config}}} from every JSON file in configs/."""
+    tables = {}
+    for path in sorted(CONFIG_DIR.glob("w4a16_*.json")):
+        data = json.loads(path.read_text())
+        tables[data["device"]] = data["configs"]
+    return tables
+
+
+_TABLES = _load_tables()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device: torch.device):
+    if device.type != "cuda":
+        return "cpu", 132  # the interpreter: same rule as an H100, so CPU tests cover GPU configs
+    p = torch.cuda.get_device_properties(device)
+    return p.name, p.multi_processor_count
+
+
+def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
+    """Smallest split of K that gives about 2 programs per SM, each with >= 2 tiles of K."""
+    split = 1
+    while m_tiles * n_tiles * split < 2 * sms and k_tiles // (2 * split) >= 2:
+        split *= 2
+    return split
+
+
+def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
+    """The rule used when the table has no entry for (M bucket, N, K)."""
+    block_m = min(max(16, triton.next_power_of_2(m)), 64)
+    block_n = 128 if n >= 2048 else 64
+    block_k = 128
+    split = _split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                num_warps=4, num_stages=3 if m > 16 else 4)
+
+
+def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    name, sms = _device_info(device)
+    table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
+    return table.get(f"{n},{k}", {}).get(str(_bucket(m))) or default_config(m, n, k, sms)
+
+
+# --------------------------------------------------------------------------- launcher
+
+def _check(x, qweight, scales, zeros, bias, group_size):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"w4a16: activations must be fp16, bf16 or fp32, got {x.dtype}")
+    if qweight.dtype != torch.int32:
+        raise ValueError(f"w4a16: qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
+    k = x.shape[-1]
+    if group_size <= 0 or group_size % 8 or k % group_size:
+        raise ValueError(f"w4a16: in_features {k} must be divisible by the group size {group_size}, "
+                         "itself a positive multiple of 8 (use group_size = K for per-channel)")
+    for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"w4a16: {name} must be a float tensor, got {t.dtype}")
+    n = scales.shape[1]
+    assert qweight.shape == (k // 8, n), f"qweight {tuple(qweight.shape)} != {(k // 8, n)} for x {tuple(x.shape)}"
+    assert scales.shape == (k // group_size, n), f"scales {tuple(scales.shape)}, group size {group_size}"
+    assert zeros is None or zeros.shape == scales.shape, f"zeros {tuple(zeros.shape)}"
+    assert bias is None or bias.shape == (n,), f"bias {tuple(bias.shape)}"
+    assert all(t is None or t.device == x.device for t in (qweight, scales, zeros, bias))
 
 
 @registry.register("w4a16_linear", "cuda", "triton")
 @registry.register("w4a16_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, blocks=None):
+def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None):
+    """config: dict(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); default: the table."""
+    _check(x, qweight, scales, zeros, bias, group_size)
     k, n = x.shape[-1], scales.shape[1]
-    assert qweight.dtype == torch.int32 and qweight.shape == (k // 8, n), (qweight.shape, x.shape)
-    assert scales.shape == (k // group_size, n) and k % group_size == 0, (scales.shape, group_size)
-    assert zeros is None or zeros.shape == scales.shape
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    block_m, block_n, block_k = blocks or _blocks(m, k, group_size)
-    assert block_m >= 16 and block_n >= 16 and block_k >= 16, "tl.dot needs blocks of at least 16"
-    assert k % block_k == 0 and (block_k % group_size == 0 or group_size % block_k == 0)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a16_kernel[grid](x2, qweight, scales.to(x.dtype), zeros if zeros is None else zeros.to(x.dtype),
-                        bias, y, m, n, k, x2.stride(0), y.stride(0), G=group_size,
-                        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    cfg = config or get_config(m, n, k, x.device)
+    block_m, block_n, block_k, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less); each of the 8
+    # dots of a tile has K = BLOCK_K // 8
+    assert block_m >= 16 and block_n >= 16 and block_k >= 128, cfg
+    assert all(b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
+    k_tiles = triton.cdiv(k, block_k)
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
+    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _w4a16_kernel[grid](
+        x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0), tiles_per_split,
+        G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 in, fp32-exact out
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*x.shape[:-1], n)
 
 
-def benchmark():
-    """Llama-3-8B layer shapes: Triton W4A16 vs cuBLAS fp16, microseconds and weight GB/s."""
-    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-    print(f"{'M':>4} {'fp16 us':>9} {'w4a16 us':>9} {'w4a16 GB/s':>11}")
-    for m in (1, 16, 64):
-        t16 = tq = 0.0
-        nbytes = 0
-        for n, k in shapes:
-            w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            qw, s, _ = quantize_rtn(w, 128)
-            t16 += triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w)) * 1e3
-            tq += triton.testing.do_bench(lambda: w4a16_linear_triton(x, qw, s, None, None, 128)) * 1e3
-            nbytes += qw.numel() * 4 + s.numel() * 2
-        print(f"{m:>4} {t16:>9.1f} {tq:>9.1f} {nbytes / tq / 1e3:>11.0f}")
+# --------------------------------------------------------------------------- tuning
+
+def candidate_configs(m: int, n: int, k: int):
+    """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
+    block_ms = {16: [16], 32: [32], 64: [32, 64]}.get(max(16, m), [64, 128])
+    tiles = ((64, 4, 4), (128, 4, 2), (128, 4, 4), (256, 8, 3))  # BLOCK_N, num_warps, num_stages
+    k_tiles = triton.cdiv(k, 128)
+    for block_m in block_ms:
+        for block_n, num_warps, num_stages in tiles:
+            for split in (1, 2, 4, 8, 16) if m <= 64 else (1,):
+                if split == 1 or k_tiles // split >= 2:
+                    yield dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
+                               num_warps=num_warps, num_stages=num_stages)
 
 
-if __name__ == "__main__":
-    benchmark()
+def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
+         rep_ms: int = 10, verbose: bool = True) -> pathlib.Path:
+    """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU;
+    merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table."""
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    path = pathlib.Path(path or CONFIG_DIR / f"w4a16_{name.split()[-1].lower().replace('-', '_')}.json")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    table = old.get("configs", {}) if old.get("device") == name else {}
+    for n, k in shapes:
+        qw, s, _ = quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size)
+        entry = table.setdefault(f"{n},{k}", {})
+        for m in m_buckets:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            best = (math.inf, None)
+            for cfg in candidate_configs(m, n, k):
+                try:
+                    us = 1e3 * triton.testing.do_bench(
+                        lambda: w4a16_linear_triton(x, qw, s, None, None, group_size, cfg),
+                        warmup=2, rep=rep_ms)
+                except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
+                    if verbose:
+                        print(f"  skip {cfg}: {type(e).__name__}")
+                    continue
+                best = min(best, (us, cfg), key=lambda b: b[0])
+            entry[str(m)] = best[1]
+            if verbose:
+                print(f"N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": name, "group_size": group_size, "dtype": str(dtype),
+                                "configs": table}, indent=1))
+    _TABLES[name] = table
+    return path
