@@ -290,15 +290,23 @@ def candidate_configs(m: int, n: int, k: int):
                                num_warps=num_warps, num_stages=num_stages)
 
 
+def _slug(device_name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "h100": the first word with a digit in it."""
+    words = device_name.lower().replace("-", " ").split()
+    return next((w for w in words if any(c.isdigit() for c in w)), "_".join(words))
+
+
 def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
          rep_ms: int = 10, verbose: bool = True) -> pathlib.Path:
     """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU;
-    merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table."""
+    merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table.
+    The file is rewritten after every shape, so an interrupted run keeps what it measured."""
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    path = pathlib.Path(path or CONFIG_DIR / f"w4a16_{name.split()[-1].lower().replace('-', '_')}.json")
+    path = pathlib.Path(path or CONFIG_DIR / f"w4a16_{_slug(name)}.json")
     old = json.loads(path.read_text()) if path.exists() else {}
     table = old.get("configs", {}) if old.get("device") == name else {}
+    _TABLES[name] = table
     for n, k in shapes:
         qw, s, _ = quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size)
         entry = table.setdefault(f"{n},{k}", {})
@@ -309,17 +317,18 @@ def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16
                 try:
                     us = 1e3 * triton.testing.do_bench(
                         lambda: w4a16_linear_triton(x, qw, s, None, None, group_size, cfg),
-                        warmup=2, rep=rep_ms)
+                        warmup=2, rep=rep_ms, return_mode="median")
                 except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
                     if verbose:
-                        print(f"  skip {cfg}: {type(e).__name__}")
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
                     continue
-                best = min(best, (us, cfg), key=lambda b: b[0])
-            entry[str(m)] = best[1]
+                if us < best[0]:
+                    best = (us, cfg)
+            if best[1] is not None:
+                entry[str(m)] = best[1]
             if verbose:
                 print(f"N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": name, "group_size": group_size, "dtype": str(dtype),
-                                "configs": table}, indent=1))
-    _TABLES[name] = table
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": name, "group_size": group_size, "dtype": str(dtype),
+                                    "configs": table}, indent=1))
     return path
