@@ -40,26 +40,34 @@ def rel_err(y, ref):
 
 
 def check_correctness():
-    """Relative error of the Triton kernel vs the torch reference, on the GPU, per variant."""
+    """Relative error of both kernels vs the torch reference on the GPU, per dtype and variant."""
     rows = []
     n, k = 4096, 4096
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for zeros, bias, group in ((False, False, GROUP), (True, True, GROUP), (True, False, k)):
+    variants = {torch.float16: ((False, False, GROUP), (True, True, GROUP), (True, False, k)),
+                torch.bfloat16: ((False, False, GROUP), (True, True, GROUP)),
+                torch.float32: ((False, False, GROUP),)}
+    runs = [("gemv", 1, 1, 64), ("gemv", 3, 4, 32), ("mma", 1, 16, 128), ("mma", 16, 16, 128),
+            ("mma", 64, 64, 128), ("mma", 128, 64, 128)]  # kernel, M, BLOCK_M, BLOCK_K
+    for dtype, cases in variants.items():
+        for zeros, bias, group in cases:
             qw, s, z = random_w4(n, k, dtype, zeros)
             if group == k:
                 s, z = s[:1], None if z is None else z[:1]
             b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-            for m in (1, 16, 64, 128):
+            for kernel, m, block_m, block_k in runs:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = w4a16.w4a16_linear_reference(x.float(), qw, s.float(),
                                                    None if z is None else z.float(),
                                                    None if b is None else b.float(), group)
+                cfg = dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=4,
+                           num_warps=4, num_stages=3)
                 try:
-                    err = rel_err(w4a16.w4a16_linear_triton(x, qw, s, z, b, group), ref)
+                    err = rel_err(w4a16.w4a16_linear_triton(x, qw, s, z, b, group, cfg), ref)
                 except Exception as e:
                     err = f"{type(e).__name__}: {str(e)[:300]}"
-                rows.append(dict(dtype=str(dtype), zeros=zeros, bias=bias, group=group, M=m, rel_err=err))
-                print(f"check {dtype} zeros={zeros} bias={bias} G={group} M={m}: {err}", flush=True)
+                rows.append(dict(kernel=kernel, dtype=str(dtype), zeros=zeros, bias=bias, group=group,
+                                 M=m, rel_err=err))
+                print(f"check {kernel} {dtype} zeros={zeros} bias={bias} G={group} M={m}: {err}", flush=True)
     return rows
 
 

@@ -89,85 +89,115 @@ def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int):
 
 
 @triton.jit
-def _nibble_minus_zero(word, i: tl.constexpr, zero):
-    """(nibble i of each word) - zero, exact, in zero's dtype (fp16, bf16 or fp32).
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, mask_n, G: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                  dtype: tl.constexpr):
+    """Weights k0 .. k0 + BLOCK_K of columns offs_n as w[r, i, n] (k = k0 + 8 r + i) in dtype,
+    and the per-column scale [BLOCK_N] (fp32) still to apply to the product with them.
 
-    OR-ing 4 bits into the mantissa of 1024 (fp16), 128 (bf16) or 2**23 (fp32) gives that power
-    of two plus the nibble without an int->float conversion, whose throughput on NVIDIA GPUs is
-    a quarter of plain arithmetic and would cap the kernel below memory bandwidth.
+    When the tile lies in one group it returns the integers (q - zero), exact in any dtype, and
+    the caller scales the [M, N] product once instead of BLOCK_K times as many weights.
+    Nibbles become floats by OR-ing them into the mantissa of 1024 (fp16), 128 (bf16) or 2**23
+    (fp32): an int->float conversion runs at a quarter of the rate of plain arithmetic on NVIDIA
+    GPUs and would cap the kernel below memory bandwidth.
     """
-    bits = (word >> (4 * i)) & 0xF
-    if zero.dtype == tl.float16:
-        w = (bits | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return w - (zero + 1024.0)
-    elif zero.dtype == tl.bfloat16:
-        w = (bits | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        return w - (zero + 128.0)
+    rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask = (rows < K // 8)[:, None] & mask_n[None, :]
+    q = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    if SCALE_PER_TILE:
+        offs, mask = (k0 // G) * N + offs_n, mask_n
+        zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)[None, None, :] if HAS_ZEROS \
+            else tl.full((1, 1, 1), 8.0, dtype)
+    else:  # G is a multiple of 8, so the 8 nibbles of a word share a group
+        offs = ((8 * rows) // G)[:, None] * N + offs_n[None, :]
+        zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)[:, None, :] if HAS_ZEROS \
+            else tl.full((1, 1, 1), 8.0, dtype)
+    bits = (q[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF
+    if dtype == tl.float16:
+        w = (bits | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (zero + 1024.0)
+    elif dtype == tl.bfloat16:
+        w = (bits | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (zero + 128.0)
     else:
-        w = (bits | 0x4B000000).to(tl.float32, bitcast=True)
-        return w - (zero + 8388608.0)
+        w = (bits | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    if SCALE_PER_TILE:
+        return w, s.to(tl.float32)
+    return w * s.to(dtype)[:, None, :], tl.full(offs_n.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _k_range(K, tiles_per_split, BLOCK_K: tl.constexpr):
+    """The tiles of K this program sums: split pid_k of the SPLIT_K programs along axis 2."""
+    first = tl.program_id(2) * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+
+
+@triton.jit
+def _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+           ATOMIC: tl.constexpr):
+    """Store (or with a split K, atomically add) the [BLOCK_M, BLOCK_N] fp32 tile plus bias."""
+    if HAS_BIAS:  # with a split K only the first split adds the bias
+        b = tl.load(b_ptr + offs_n, mask=offs_n < tl.where(tl.program_id(2) == 0, N, 0), other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # M and the split length only bound loops and masks: one compiled kernel serves every value
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                  tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                      tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """Tensor cores. The weights are the dot's A operand (y.T = W @ x.T): A is at least 64 rows
+    wide, so nothing is wasted for M = 1..16, and Hopper's wgmma reads A from registers, where
+    the dequantized tile already is."""
     dtype = x_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_K // 8)  # word rows of a tile; row r holds k = 8 r .. 8 r + 7
-    mask_m, mask_n = offs_m < M, offs_n < N
-    first = pid_k * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
     for t in range(first, last):
         k0 = t * BLOCK_K
-        rows = k0 // 8 + offs_r
-        mask_r = rows < K // 8
-        q = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
-                    mask=mask_n[:, None] & mask_r[None, :], other=0)
-        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + 8 * rows[:, None]
-        x_mask = mask_r[:, None] & mask_m[None, :]
-        if SCALE_PER_TILE:
-            # The tile lies in one group: dot the integers (q - zero), scale the [N, M] result
-            # once, instead of scaling BLOCK_K times as many weights.
-            g = k0 // G
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(dtype)[:, None]
-            else:
-                zero = tl.full((1, 1), 8.0, dtype)
-            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for i in tl.static_range(8):
-                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
-                part = tl.dot(_nibble_minus_zero(q, i, zero), x, part, input_precision=PRECISION)
-            acc += part * s[:, None]
-        else:
-            # Several groups per tile; G is a multiple of 8, so all nibbles of a word share one.
-            sz_offs = ((k0 + 8 * offs_r) // G)[None, :] * N + offs_n[:, None]
-            sz_mask = mask_n[:, None] & mask_r[None, :]
-            s = tl.load(s_ptr + sz_offs, mask=sz_mask, other=0.0).to(dtype)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + sz_offs, mask=sz_mask, other=0.0).to(dtype)
-            else:
-                zero = tl.full((1, 1), 8.0, dtype)
-            for i in tl.static_range(8):
-                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
-                acc = tl.dot(_nibble_minus_zero(q, i, zero) * s, x, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        # with SPLIT_K > 1 only the first split adds the bias
-        b = tl.load(b_ptr + offs_n, mask=offs_n < tl.where(pid_k == 0, N, 0), other=0.0)
-        acc += b.to(tl.float32)[:, None]
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    y_mask = mask_n[:, None] & mask_m[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc.to(dtype), mask=y_mask, sem="relaxed")
-    else:
-        tl.store(y_ptrs, acc.to(dtype), mask=y_mask)
+        w, s = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G, HAS_ZEROS,
+                             SCALE_PER_TILE, BLOCK_K, dtype)
+        w = tl.trans(tl.reshape(w, (BLOCK_K, BLOCK_N)))
+        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None],
+                    mask=(offs_m < M)[None, :] & (k0 + offs_k < K)[:, None], other=0.0)
+        acc += tl.dot(w, x, input_precision=PRECISION) * s[:, None]
+    _write(y_ptr, b_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
+
+
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                       tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """CUDA cores, for M = 1..4: fp32 FMAs on the dequantized tile, one per weight and row, and
+    no layout shuffle into a tensor-core operand. Sums over k stay per thread until the end."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = 8 * tl.arange(0, BLOCK_K // 8)[:, None] + tl.arange(0, 8)[None, :]  # [r, i]
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    for t in range(first, last):
+        k0 = t * BLOCK_K
+        w, s = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G, HAS_ZEROS,
+                             SCALE_PER_TILE, BLOCK_K, tl.float32)
+        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k0 + offs_k[None, :, :],
+                    mask=(offs_m < M)[:, None, None] & (k0 + offs_k < K)[None, :, :], other=0.0)
+        acc += tl.sum(w[None, :, :, :] * x.to(tl.float32)[:, :, :, None], axis=2) * s[None, None, :]
+    _write(y_ptr, b_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
+
+
+_KERNELS = {"mma": _w4a16_mma_kernel, "gemv": _w4a16_gemv_kernel}
 
 
 # --------------------------------------------------------------------------- configs
@@ -206,12 +236,14 @@ def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
 
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
     """The rule used when the table has no entry for (M bucket, N, K)."""
-    block_m = min(max(16, triton.next_power_of_2(m)), 64)
-    block_n = 128 if n >= 2048 else 64
-    block_k = 128
+    if m <= 2:
+        kernel, block_m, block_n, block_k, num_warps, num_stages = "gemv", m, 128, 64, 4, 3
+    else:
+        kernel, block_n, block_k, num_warps, num_stages = "mma", 128, 128, 4, 4
+        block_m = min(max(16, triton.next_power_of_2(m)), 64)
     split = _split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                num_warps=4, num_stages=3 if m > 16 else 4)
+    return dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
@@ -245,7 +277,8 @@ def _check(x, qweight, scales, zeros, bias, group_size):
 @registry.register("w4a16_linear", "cuda", "triton")
 @registry.register("w4a16_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
 def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None):
-    """config: dict(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); default: the table."""
+    """config: dict(KERNEL ("mma" or "gemv"), BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
+    num_stages); default: the tuned table for this GPU, else ``default_config``."""
     _check(x, qweight, scales, zeros, bias, group_size)
     k, n = x.shape[-1], scales.shape[1]
     x2 = x.reshape(-1, k)
@@ -253,11 +286,12 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = config or get_config(m, n, k, x.device)
+    kernel = _KERNELS[cfg["KERNEL"]]
     block_m, block_n, block_k, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
-    # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less); each of the 8
-    # dots of a tile has K = BLOCK_K // 8
-    assert block_m >= 16 and block_n >= 16 and block_k >= 128, cfg
-    assert all(b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
+    assert all(b > 0 and b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
+    # tl.dot needs every dim >= 16 on the GPU; the interpreter would accept less
+    assert kernel is _w4a16_gemv_kernel or min(block_m, block_n, block_k) >= 16, cfg
+    assert block_k >= 8, cfg
     k_tiles = triton.cdiv(k, block_k)
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
@@ -265,7 +299,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    _w4a16_kernel[grid](
+    kernel[grid](
         x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0), tiles_per_split,
         G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
@@ -279,15 +313,17 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
 
 def candidate_configs(m: int, n: int, k: int):
     """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
+    tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+    if m <= 4:  # the gemv keeps BLOCK_M * BLOCK_K / 8 * BLOCK_N fp32 sums in registers
+        tiles += [("gemv", m, bn, 64 if m <= 2 else 32, w, 3) for bn, w in ((64, 4), (128, 4), (256, 8))]
     block_ms = {16: [16], 32: [32], 64: [32, 64]}.get(max(16, m), [64, 128])
-    tiles = ((64, 4, 4), (128, 4, 2), (128, 4, 4), (256, 8, 3))  # BLOCK_N, num_warps, num_stages
-    k_tiles = triton.cdiv(k, 128)
-    for block_m in block_ms:
-        for block_n, num_warps, num_stages in tiles:
-            for split in (1, 2, 4, 8, 16) if m <= 64 else (1,):
-                if split == 1 or k_tiles // split >= 2:
-                    yield dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
-                               num_warps=num_warps, num_stages=num_stages)
+    tiles += [("mma", bm, bn, 128, w, st) for bm in block_ms for bn, w, st in ((64, 4, 4), (128, 4, 4), (256, 8, 3))]
+    for kernel, block_m, block_n, block_k, num_warps, num_stages in tiles:
+        k_tiles = triton.cdiv(k, block_k)
+        for split in (1, 2, 4, 8, 16, 32) if m <= 64 else (1,):
+            if split == 1 or k_tiles // split >= 2:
+                yield dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           SPLIT_K=split, num_warps=num_warps, num_stages=num_stages)
 
 
 def _slug(device_name: str) -> str:
@@ -297,7 +333,7 @@ def _slug(device_name: str) -> str:
 
 
 def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
-         rep_ms: int = 10, verbose: bool = True) -> pathlib.Path:
+         rep_ms: int = 5, verbose: bool = True) -> pathlib.Path:
     """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU;
     merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table.
     The file is rewritten after every shape, so an interrupted run keeps what it measured."""
