@@ -89,40 +89,42 @@ def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int):
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, mask_n, G: tl.constexpr,
-                  HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                  dtype: tl.constexpr):
-    """Weights k0 .. k0 + BLOCK_K of columns offs_n as w[r, i, n] (k = k0 + 8 r + i) in dtype,
-    and the per-column scale [BLOCK_N] (fp32) still to apply to the product with them.
-
-    When the tile lies in one group it returns the integers (q - zero), exact in any dtype, and
-    the caller scales the [M, N] product once instead of BLOCK_K times as many weights.
-    Nibbles become floats by OR-ing them into the mantissa of 1024 (fp16), 128 (bf16) or 2**23
-    (fp32): an int->float conversion runs at a quarter of the rate of plain arithmetic on NVIDIA
-    GPUs and would cap the kernel below memory bandwidth.
-    """
+def _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, mask_n, G: tl.constexpr,
+               HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+               dtype: tl.constexpr):
+    """Packed words [BLOCK_K // 8, BLOCK_N] of rows k0 .. k0 + BLOCK_K, their zero points (in
+    dtype) and scales: [1, BLOCK_N] fp32 when the tile lies in one group (the caller scales the
+    [M, N] product once, instead of BLOCK_K times as many weights), else per word row in dtype."""
     rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     mask = (rows < K // 8)[:, None] & mask_n[None, :]
     q = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
     if SCALE_PER_TILE:
-        offs, mask = (k0 // G) * N + offs_n, mask_n
-        zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)[None, None, :] if HAS_ZEROS \
-            else tl.full((1, 1, 1), 8.0, dtype)
+        offs, mask = (k0 // G) * N + offs_n[None, :], mask_n[None, :]
     else:  # G is a multiple of 8, so the 8 nibbles of a word share a group
         offs = ((8 * rows) // G)[:, None] * N + offs_n[None, :]
-        zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)[:, None, :] if HAS_ZEROS \
-            else tl.full((1, 1, 1), 8.0, dtype)
-    bits = (q[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 0xF
-    if dtype == tl.float16:
-        w = (bits | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (zero + 1024.0)
-    elif dtype == tl.bfloat16:
-        w = (bits | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (zero + 128.0)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)
     else:
-        w = (bits | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    if SCALE_PER_TILE:
-        return w, s.to(tl.float32)
-    return w * s.to(dtype)[:, None, :], tl.full(offs_n.shape, 1.0, tl.float32)
+        zero = tl.full((1, 1), 8.0, dtype)
+    scale = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32 if SCALE_PER_TILE else dtype)
+    return q, zero, scale
+
+
+@triton.jit
+def _nibble(q, i: tl.constexpr, zero):
+    """Nibble i of every word (k = 8 r + i) minus its zero point, exact, in zero's dtype.
+
+    The nibble becomes a float by OR-ing it into the mantissa of 1024 (fp16), 128 (bf16) or
+    2**23 (fp32): an int->float conversion runs at a quarter of the rate of plain arithmetic on
+    NVIDIA GPUs and would cap the kernel below memory bandwidth.
+    """
+    bits = (q >> (4 * i)) & 0xF
+    if zero.dtype == tl.float16:
+        return (bits | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (zero + 1024.0)
+    elif zero.dtype == tl.bfloat16:
+        return (bits | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - (zero + 128.0)
+    else:
+        return (bits | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)
 
 
 @triton.jit
@@ -154,24 +156,32 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """Tensor cores. The weights are the dot's A operand (y.T = W @ x.T): A is at least 64 rows
-    wide, so nothing is wasted for M = 1..16, and Hopper's wgmma reads A from registers, where
-    the dequantized tile already is."""
+    """Tensor cores. Nibble i of a [BLOCK_K // 8, BLOCK_N] tile of words is one dot operand,
+    multiplied with the activations at k = 8 r + i (the order of k inside a dot is free), so
+    the unpacked weights stay in the registers and the layout they were loaded in."""
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_K // 8)
     first, last = _k_range(K, tiles_per_split, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
-        w, s = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G, HAS_ZEROS,
-                             SCALE_PER_TILE, BLOCK_K, dtype)
-        w = tl.trans(tl.reshape(w, (BLOCK_K, BLOCK_N)))
-        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None],
-                    mask=(offs_m < M)[None, :] & (k0 + offs_k < K)[:, None], other=0.0)
-        acc += tl.dot(w, x, input_precision=PRECISION) * s[:, None]
-    _write(y_ptr, b_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
+        q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
+                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k0 + 8 * offs_r[None, :]
+        x_mask = (offs_m < M)[:, None] & (k0 + 8 * offs_r < K)[None, :]
+        if SCALE_PER_TILE:
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(8):
+                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
+                part = tl.dot(x, _nibble(q, i, zero), part, input_precision=PRECISION)
+            acc += part * scale
+        else:
+            for i in tl.static_range(8):
+                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
+                acc = tl.dot(x, _nibble(q, i, zero) * scale, acc, input_precision=PRECISION)
+    _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
@@ -180,21 +190,32 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
                        HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    """CUDA cores, for M = 1..4: fp32 FMAs on the dequantized tile, one per weight and row, and
-    no layout shuffle into a tensor-core operand. Sums over k stay per thread until the end."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
+    layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
+    m = tl.program_id(0)
+    offs_m = m + tl.arange(0, 1)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = 8 * tl.arange(0, BLOCK_K // 8)[:, None] + tl.arange(0, 8)[None, :]  # [r, i]
+    offs_r = tl.arange(0, BLOCK_K // 8)
     first, last = _k_range(K, tiles_per_split, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
-        w, s = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G, HAS_ZEROS,
-                             SCALE_PER_TILE, BLOCK_K, tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k0 + offs_k[None, :, :],
-                    mask=(offs_m < M)[:, None, None] & (k0 + offs_k < K)[None, :, :], other=0.0)
-        acc += tl.sum(w[None, :, :, :] * x.to(tl.float32)[:, :, :, None], axis=2) * s[None, None, :]
-    _write(y_ptr, b_ptr, tl.sum(acc, axis=1), offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
+        q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
+                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, tl.float32)
+        x_ptrs = x_ptr + m * stride_xm + k0 + 8 * offs_r
+        x_mask = k0 + 8 * offs_r < K
+        if SCALE_PER_TILE:
+            part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(8):
+                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
+                part += _nibble(q, i, zero) * x[:, None]
+            acc += part * scale
+        else:
+            for i in tl.static_range(8):
+                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
+                acc += _nibble(q, i, zero) * scale * x[:, None]
+    _write(y_ptr, b_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, M, N, stride_ym, HAS_BIAS,
+           ATOMIC)
 
 
 _KERNELS = {"mma": _w4a16_mma_kernel, "gemv": _w4a16_gemv_kernel}
@@ -237,7 +258,7 @@ def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
     """The rule used when the table has no entry for (M bucket, N, K)."""
     if m <= 2:
-        kernel, block_m, block_n, block_k, num_warps, num_stages = "gemv", m, 128, 64, 4, 3
+        kernel, block_m, block_n, block_k, num_warps, num_stages = "gemv", 1, 128, 64, 4, 3
     else:
         kernel, block_n, block_k, num_warps, num_stages = "mma", 128, 128, 4, 4
         block_m = min(max(16, triton.next_power_of_2(m)), 64)
@@ -290,8 +311,10 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     block_m, block_n, block_k, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     assert all(b > 0 and b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
     # tl.dot needs every dim >= 16 on the GPU; the interpreter would accept less
-    assert kernel is _w4a16_gemv_kernel or min(block_m, block_n, block_k) >= 16, cfg
-    assert block_k >= 8, cfg
+    if kernel is _w4a16_gemv_kernel:
+        assert block_m == 1 and block_k >= 8, cfg
+    else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
+        assert min(block_m, block_n, block_k // 8) >= 16, cfg
     k_tiles = triton.cdiv(k, block_k)
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
@@ -314,8 +337,8 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
 def candidate_configs(m: int, n: int, k: int):
     """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
     tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-    if m <= 4:  # the gemv keeps BLOCK_M * BLOCK_K / 8 * BLOCK_N fp32 sums in registers
-        tiles += [("gemv", m, bn, 64 if m <= 2 else 32, w, 3) for bn, w in ((64, 4), (128, 4), (256, 8))]
+    if m <= 4:
+        tiles += [("gemv", 1, bn, bk, w, 3) for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 32, 8))]
     block_ms = {16: [16], 32: [32], 64: [32, 64]}.get(max(16, m), [64, 128])
     tiles += [("mma", bm, bn, 128, w, st) for bm in block_ms for bn, w, st in ((64, 4, 4), (128, 4, 4), (256, 8, 3))]
     for kernel, block_m, block_n, block_k, num_warps, num_stages in tiles:
