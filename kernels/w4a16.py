@@ -149,22 +149,35 @@ def _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.cons
         tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dot(x, w, acc, WEIGHTS_AS_A: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x @ w, or its transpose acc.T + w.T @ x.T when the weights are the A operand."""
+    if WEIGHTS_AS_A:
+        return tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(x, w, acc, input_precision=PRECISION)
+
+
 # M and the split length only bound loops and masks: one compiled kernel serves every value
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                       tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor cores. Nibble i of a [BLOCK_K // 8, BLOCK_N] tile of words is one dot operand,
-    multiplied with the activations at k = 8 r + i (the order of k inside a dot is free), so
-    the unpacked weights stay in the registers and the layout they were loaded in."""
+    multiplied with the activations at k = 8 r + i (the order of k inside a dot is free), so the
+    unpacked weights stay in registers.
+
+    With BLOCK_M >= 64 Triton uses Hopper's wgmma, which reads its B operand from shared memory
+    but A from registers: there the weights become A (computing y.T = W @ x.T)."""
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_K // 8)
     first, last = _k_range(K, tiles_per_split, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if WEIGHTS_AS_A else (BLOCK_M, BLOCK_N)
+    acc = tl.zeros(acc_shape, dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
@@ -172,15 +185,17 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k0 + 8 * offs_r[None, :]
         x_mask = (offs_m < M)[:, None] & (k0 + 8 * offs_r < K)[None, :]
         if SCALE_PER_TILE:
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part = tl.zeros(acc_shape, dtype=tl.float32)
             for i in tl.static_range(8):
                 x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
-                part = tl.dot(x, _nibble(q, i, zero), part, input_precision=PRECISION)
-            acc += part * scale
+                part = _dot(x, _nibble(q, i, zero), part, WEIGHTS_AS_A, PRECISION)
+            acc += part * (tl.reshape(scale, (BLOCK_N, 1)) if WEIGHTS_AS_A else scale)
         else:
             for i in tl.static_range(8):
                 x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
-                acc = tl.dot(x, _nibble(q, i, zero) * scale, acc, input_precision=PRECISION)
+                acc = _dot(x, _nibble(q, i, zero) * scale, acc, WEIGHTS_AS_A, PRECISION)
+    if WEIGHTS_AS_A:
+        acc = tl.trans(acc)
     _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
 
 
@@ -188,8 +203,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                        tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
     layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
     m = tl.program_id(0)
@@ -310,7 +324,6 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     kernel = _KERNELS[cfg["KERNEL"]]
     block_m, block_n, block_k, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     assert all(b > 0 and b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
-    # tl.dot needs every dim >= 16 on the GPU; the interpreter would accept less
     if kernel is _w4a16_gemv_kernel:
         assert block_m == 1 and block_k >= 8, cfg
     else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
@@ -322,13 +335,14 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    kernel[grid](
-        x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0), tiles_per_split,
-        G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 in, fp32-exact out
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    consts = dict(G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+                  SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if kernel is _w4a16_mma_kernel:
+        consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
+                      WEIGHTS_AS_A=block_m >= 64)
+    kernel[grid](x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
+                 tiles_per_split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
     return y.reshape(*x.shape[:-1], n)
 
 
