@@ -150,6 +150,21 @@ def _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.cons
 
 
 @triton.jit
+def _split8(x):
+    """[M, BLOCK_K] -> 8 tensors [M, BLOCK_K // 8]; tensor i holds the columns k = 8 r + i. One
+    vectorized load of x plus register-only splits instead of 8 strided loads."""
+    x = tl.reshape(x, (x.shape[0], x.shape[1] // 8, 2, 2, 2))  # k = 8 r + 4 a + 2 b + c
+    c0, c1 = tl.split(x)
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    x0, x4 = tl.split(c0b0)
+    x2, x6 = tl.split(c0b1)
+    x1, x5 = tl.split(c1b0)
+    x3, x7 = tl.split(c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _dot(x, w, acc, WEIGHTS_AS_A: tl.constexpr, PRECISION: tl.constexpr):
     """acc + x @ w, or its transpose acc.T + w.T @ x.T when the weights are the A operand."""
     if WEIGHTS_AS_A:
@@ -182,18 +197,17 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
         k0 = t * BLOCK_K
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k0 + 8 * offs_r[None, :]
-        x_mask = (offs_m < M)[:, None] & (k0 + 8 * offs_r < K)[None, :]
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xs = _split8(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
         if SCALE_PER_TILE:
             part = tl.zeros(acc_shape, dtype=tl.float32)
             for i in tl.static_range(8):
-                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
-                part = _dot(x, _nibble(q, i, zero), part, WEIGHTS_AS_A, PRECISION)
+                part = _dot(xs[i], _nibble(q, i, zero), part, WEIGHTS_AS_A, PRECISION)
             acc += part * (tl.reshape(scale, (BLOCK_N, 1)) if WEIGHTS_AS_A else scale)
         else:
             for i in tl.static_range(8):
-                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0)
-                acc = _dot(x, _nibble(q, i, zero) * scale, acc, WEIGHTS_AS_A, PRECISION)
+                acc = _dot(xs[i], _nibble(q, i, zero) * scale, acc, WEIGHTS_AS_A, PRECISION)
     if WEIGHTS_AS_A:
         acc = tl.trans(acc)
     _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
@@ -272,13 +286,13 @@ def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
     """The rule used when the table has no entry for (M bucket, N, K)."""
     if m <= 2:
-        kernel, block_m, block_n, block_k, num_warps, num_stages = "gemv", 1, 128, 64, 4, 3
+        kernel, block_m, block_n, block_k = "gemv", 1, 128, 64
     else:
-        kernel, block_n, block_k, num_warps, num_stages = "mma", 128, 128, 4, 4
-        block_m = min(max(16, triton.next_power_of_2(m)), 64)
+        kernel, block_m, block_k = "mma", min(max(16, triton.next_power_of_2(m)), 64), 128
+        block_n = 64 if m > 64 else 128
     split = _split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
     return dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=4, num_stages=3)
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
@@ -313,7 +327,8 @@ def _check(x, qweight, scales, zeros, bias, group_size):
 @registry.register("w4a16_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
 def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None):
     """config: dict(KERNEL ("mma" or "gemv"), BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
-    num_stages); default: the tuned table for this GPU, else ``default_config``."""
+    num_stages, optional WEIGHTS_AS_A (mma only; default BLOCK_M >= 64)); default: the tuned
+    table for this GPU, else ``default_config``."""
     _check(x, qweight, scales, zeros, bias, group_size)
     k, n = x.shape[-1], scales.shape[1]
     x2 = x.reshape(-1, k)
@@ -340,7 +355,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     if kernel is _w4a16_mma_kernel:
         consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
-                      WEIGHTS_AS_A=block_m >= 64)
+                      WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64))
     kernel[grid](x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
                  tiles_per_split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
     return y.reshape(*x.shape[:-1], n)
@@ -350,17 +365,19 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
 
 def candidate_configs(m: int, n: int, k: int):
     """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
-    tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
+    tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WEIGHTS_AS_A
     if m <= 4:
-        tiles += [("gemv", 1, bn, bk, w, 3) for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 32, 8))]
-    block_ms = {16: [16], 32: [32], 64: [32, 64]}.get(max(16, m), [64, 128])
-    tiles += [("mma", bm, bn, 128, w, st) for bm in block_ms for bn, w, st in ((64, 4, 4), (128, 4, 4), (256, 8, 3))]
-    for kernel, block_m, block_n, block_k, num_warps, num_stages in tiles:
+        tiles += [("gemv", 1, bn, bk, w, 3, False) for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 32, 8))]
+    block_ms = {16: [16], 32: [32]}.get(max(16, m), [32, 64])  # BLOCK_M = 128 spills registers
+    tiles += [("mma", bm, bn, 128, w, st, swap) for bm in block_ms for swap in ((False, True) if bm >= 64 else (False,))
+              for bn, w, st in ((64, 4, 4), (128, 4, 3), (256, 8, 3))]
+    for kernel, block_m, block_n, block_k, num_warps, num_stages, swap in tiles:
         k_tiles = triton.cdiv(k, block_k)
         for split in (1, 2, 4, 8, 16, 32) if m <= 64 else (1,):
             if split == 1 or k_tiles // split >= 2:
                 yield dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                           SPLIT_K=split, num_warps=num_warps, num_stages=num_stages)
+                           SPLIT_K=split, num_warps=num_warps, num_stages=num_stages,
+                           WEIGHTS_AS_A=swap)
 
 
 def _slug(device_name: str) -> str:
