@@ -46,7 +46,7 @@ def check_correctness():
     variants = {torch.float16: ((False, False, GROUP), (True, True, GROUP), (True, False, k)),
                 torch.bfloat16: ((False, False, GROUP), (True, True, GROUP)),
                 torch.float32: ((False, False, GROUP),)}
-    runs = [("gemv", 1, 1, 64), ("gemv", 3, 4, 32), ("mma", 1, 16, 128), ("mma", 16, 16, 128),
+    runs = [("gemv", 1, 1, 64), ("gemv", 3, 1, 64), ("mma", 1, 16, 128), ("mma", 16, 16, 128),
             ("mma", 64, 64, 128), ("mma", 128, 64, 128)]  # kernel, M, BLOCK_M, BLOCK_K
     for dtype, cases in variants.items():
         for zeros, bias, group in cases:
