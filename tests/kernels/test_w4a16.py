@@ -102,13 +102,13 @@ def test_mma_matches_reference(m, n_blocks, k_tiles, group, symmetric, bias, dty
 
 
 @settings(deadline=None, max_examples=20)
-@given(m=st.integers(1, 4), n_blocks=st.integers(1, 2), k_tiles=st.integers(1, 4),
+@given(m=st.integers(1, 4), n_blocks=st.integers(1, 2), k_groups=st.integers(1, 2),
        group=st.sampled_from([32, 64, 128, "K"]), symmetric=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.float32]), split=st.sampled_from([1, 2, 3]),
        seed=st.integers(0, 2**16))
-def test_gemv_matches_reference(m, n_blocks, k_tiles, group, symmetric, bias, dtype, split, seed):
-    n, k = 64 * n_blocks, 64 * k_tiles
-    group = k if group == "K" else min(group, k)
+def test_gemv_matches_reference(m, n_blocks, k_groups, group, symmetric, bias, dtype, split, seed):
+    n, k = 64 * n_blocks, 128 * k_groups  # 64-wide tiles: 2 per group of 128
+    group = k if group == "K" else group
     case = make_case(m, n, k, group, symmetric, dtype, bias, seed)
     check(*case, group, gemv(split))
 
