@@ -87,8 +87,9 @@ def tinygemm_weights(qweight, scales):
     return None
 
 
-def bench_model(shapes, methods):
-    """{method: {M: summed median us of the layer's linears, weight GB/s, TFLOP/s}}."""
+def bench_model(shapes, methods, configs):
+    """{method: {M: summed median us of the layer's linears, weight GB/s, TFLOP/s}}; the W4A16
+    configs used go into ``configs``."""
     us = {meth: {m: 0.0 for m in MS} for meth in methods}
     nbytes = dict.fromkeys(methods, 0)
     for n, k in shapes:
@@ -111,6 +112,7 @@ def bench_model(shapes, methods):
                 else:
                     us[meth][m] += 1e3 * triton.testing.do_bench(fns[meth], warmup=5, rep=40,
                                                                   return_mode="median")
+        configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, qw.device) for m in MS}
         print(f"  N={n} K={k} M=1: " + ", ".join(f"{meth} {us[meth][1]}" for meth in methods), flush=True)
         del w, tg
     flops = {m: 2 * m * sum(n * k for n, k in shapes) for m in MS}
@@ -166,11 +168,12 @@ def main():
     report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   group_size=GROUP, timing="triton.testing.do_bench median, L2 cleared before each call",
-                  correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={})
+                  correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
+                  w4a16_configs={})
     methods = ("w4a16_g128", "cublas_fp16", "tinygemm_g128")
     for model, shapes in LAYERS.items():
         print(model, flush=True)
-        report["results"][model] = bench_model(shapes, methods)
+        report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"])
         (out / "bench_gemm.json").write_text(json.dumps(report, indent=1))
     plot(report["results"], out / "bench_gemm.png")
     print(f"\n{name}, us per layer (sum of 4 linears), W4 g128 floor: "
