@@ -156,18 +156,22 @@ def _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def _split8(x):
-    """[M, BLOCK_K] -> 8 tensors [M, BLOCK_K // 8]; tensor i holds the columns k = 8 r + i. One
-    vectorized load of x plus register-only splits instead of 8 strided loads."""
+def _split4(x):
+    """[M, BLOCK_K] -> 4 tensors [M, BLOCK_K // 4]; tensor j holds, at 2 r + a, the column
+    k = 8 r + 4 a + j. One vectorized load of x plus register-only splits."""
     x = tl.reshape(x, (x.shape[0], x.shape[1] // 8, 2, 2, 2))  # k = 8 r + 4 a + 2 b + c
     c0, c1 = tl.split(x)
-    c0b0, c0b1 = tl.split(c0)
-    c1b0, c1b1 = tl.split(c1)
-    x0, x4 = tl.split(c0b0)
-    x2, x6 = tl.split(c0b1)
-    x1, x5 = tl.split(c1b0)
-    x3, x7 = tl.split(c1b1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
+    x0, x2 = tl.split(c0)
+    x1, x3 = tl.split(c1)
+    shape: tl.constexpr = (x.shape[0], x.shape[1] * 2)
+    return tl.reshape(x0, shape), tl.reshape(x1, shape), tl.reshape(x2, shape), tl.reshape(x3, shape)
+
+
+@triton.jit
+def _interleave_rows(lo, hi):
+    """[R, N], [R, N] -> [2 R, N] with row 2 r + a from lo (a = 0) or hi (a = 1)."""
+    both = tl.permute(tl.join(lo, hi), (0, 2, 1))
+    return tl.reshape(both, (lo.shape[0] * 2, lo.shape[1]))
 
 
 @triton.jit
@@ -204,20 +208,19 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xs = _split8(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        xs = _split4(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
         if SCALE_PER_TILE:
             part = tl.zeros(acc_shape, dtype=tl.float32)
             for i in tl.static_range(4):
                 w_lo, w_hi = _nibbles(q, i, zero)
-                part = _dot(xs[i], w_lo, part, WEIGHTS_AS_A, PRECISION)
-                part = _dot(xs[i + 4], w_hi, part, WEIGHTS_AS_A, PRECISION)
+                part = _dot(xs[i], _interleave_rows(w_lo, w_hi), part, WEIGHTS_AS_A, PRECISION)
             acc += part * (tl.reshape(scale, (BLOCK_N, 1)) if WEIGHTS_AS_A else scale)
         else:
             for i in tl.static_range(4):
                 w_lo, w_hi = _nibbles(q, i, zero)
-                acc = _dot(xs[i], w_lo * scale, acc, WEIGHTS_AS_A, PRECISION)
-                acc = _dot(xs[i + 4], w_hi * scale, acc, WEIGHTS_AS_A, PRECISION)
+                w = _interleave_rows(w_lo * scale, w_hi * scale)
+                acc = _dot(xs[i], w, acc, WEIGHTS_AS_A, PRECISION)
     if WEIGHTS_AS_A:
         acc = tl.trans(acc)
     _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
@@ -230,6 +233,7 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
     layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
+    dtype = x_ptr.dtype.element_ty
     m = tl.program_id(0)
     offs_m = m + tl.arange(0, 1)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,20 +242,20 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
+        # (q - zero) in the 16-bit activation dtype is exact and takes half the integer ops
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
-                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, tl.float32)
+                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
         x_ptrs = x_ptr + m * stride_xm + k0 + 8 * offs_r
         x_mask = k0 + 8 * offs_r < K
-        if SCALE_PER_TILE:
-            part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(8):
-                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
-                part += _nibble(q, i, zero) * x[:, None]
-            acc += part * scale
-        else:
-            for i in tl.static_range(8):
-                x = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
-                acc += _nibble(q, i, zero) * scale * x[:, None]
+        part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(4):
+            w_lo, w_hi = _nibbles(q, i, zero)
+            if not SCALE_PER_TILE:
+                w_lo, w_hi = w_lo * scale, w_hi * scale
+            x_lo = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptrs + i + 4, mask=x_mask, other=0.0).to(tl.float32)
+            part += w_lo.to(tl.float32) * x_lo[:, None] + w_hi.to(tl.float32) * x_hi[:, None]
+        acc += part * scale if SCALE_PER_TILE else part
     _write(y_ptr, b_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, M, N, stride_ym, HAS_BIAS,
            ATOMIC)
 
