@@ -33,9 +33,10 @@ def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096):
     sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
     consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
                   SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     if cfg["KERNEL"] == "mma":
-        consts.update(PRECISION="tf32", WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", cfg["BLOCK_M"] >= 64))
+        consts.update(PRECISION="tf32", WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", cfg["BLOCK_M"] >= 64),
+                      BLOCK_M=cfg["BLOCK_M"])
     sig.update(dict.fromkeys(consts, "constexpr"))
     aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split") and i < 12]
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts,

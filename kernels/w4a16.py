@@ -7,20 +7,24 @@ N outputs and K inputs and group size G (G = K means one group per output channe
   zeros    [K // G, N] or None float, same shape as scales; None means the symmetric zero point 8
   w[n, k] = (q[k, n] - zero[k // G, n]) * scales[k // G, n]
 
-This file holds the quantizer (round-to-nearest), pack/unpack, the torch reference, the Triton
-kernel with its launcher and config table, and ``tune()``, which times candidate configs on the
-current GPU and writes the table (``kernels/configs/w4a16_<gpu>.json``).
+This file holds the quantizer (round-to-nearest), pack/unpack, the torch reference, two Triton
+kernels with one launcher and a config table, and ``tune()``, which times candidate configs on
+the current GPU and writes the table (``kernels/configs/w4a16_<gpu>.json``, loaded at import).
 
-The kernel has to stay fast from M = 1 (decode) to M = 64+ (tree verification). Three choices
-make that work:
-  * Weights are the A operand of the dot (it computes y.T = W @ x.T): tensor cores are at least
-    64 wide along A's rows, so putting the weights there wastes nothing when M is 1..16, and
-    Hopper's wgmma can take A straight from registers, where the dequantized tile is made.
-  * No reshape of the unpacked nibbles: nibble i of every word in a [BLOCK_N, BLOCK_K // 8] tile
-    is one [BLOCK_N, BLOCK_K // 8] operand, multiplied with the activations at k = 8 r + i
-    (8 dots per tile). The order of k inside a dot does not matter.
+The kernels have to stay fast from M = 1 (decode) to M = 64+ (tree verification), i.e. stream
+the 4-bit weights at memory bandwidth while unpacking them. On Hopper the unpacking, not the
+MMA, is the cost to watch: integer ops run at half the fp32 rate. So:
+  * Nibbles never go through an int->float conversion (see ``_nibbles``), and for 16-bit
+    activations one shift and one mask unpack two of them (k = 8 r + i and 8 r + i + 4).
+  * Those two become adjacent k rows of one dot operand, with the activations split to match
+    (``_split4``): the order of k inside a dot is free, and this pairing is the one the MMA
+    operand registers want, so the unpacked weights are neither reshaped nor repacked.
   * Small M splits K over several programs (SPLIT_K) that add into the output atomically, so
-    even N = 4096 fills every SM; large M uses plain tiles (SPLIT_K = 1).
+    even N = 4096 fills every SM; one [BLOCK_K, BLOCK_N] weight tile serves all BLOCK_M rows.
+Variants, picked per (M bucket, N, K) by the table or ``default_config``: "mma" (tensor cores,
+BLOCK_M 16..64) and "gemv" (CUDA cores, one row per program, for M <= 4).
+``benchmarks/sass_stats.py`` compiles every config for sm_90 without a GPU and counts the
+instructions that matter.
 """
 import functools
 import json
@@ -127,7 +131,8 @@ def _nibbles(q, i: tl.constexpr, zero):
         return lo - (zero + 8388608.0), hi - (zero + 8388608.0)
     else:
         one: tl.constexpr = 1024.0 if zero.dtype == tl.float16 else 128.0
-        halves = ((q >> (4 * i)) & 0x000F000F) | (0x64006400 if zero.dtype == tl.float16 else 0x43004300)
+        magic: tl.constexpr = 0x64006400 if zero.dtype == tl.float16 else 0x43004300
+        halves = ((q >> (4 * i)) & 0x000F000F) | magic
         lo = halves.to(tl.int16).to(zero.dtype, bitcast=True)
         hi = (halves >> 16).to(tl.int16).to(zero.dtype, bitcast=True)
         return lo - (zero + one), hi - (zero + one)
@@ -164,7 +169,8 @@ def _split4(x):
     x0, x2 = tl.split(c0)
     x1, x3 = tl.split(c1)
     shape: tl.constexpr = (x.shape[0], x.shape[1] * 2)
-    return tl.reshape(x0, shape), tl.reshape(x1, shape), tl.reshape(x2, shape), tl.reshape(x3, shape)
+    return (tl.reshape(x0, shape), tl.reshape(x1, shape), tl.reshape(x2, shape),
+            tl.reshape(x3, shape))
 
 
 @triton.jit
@@ -190,16 +196,14 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tensor cores. Nibble i of a [BLOCK_K // 8, BLOCK_N] tile of words is one dot operand,
-    multiplied with the activations at k = 8 r + i (the order of k inside a dot is free), so the
-    unpacked weights stay in registers.
+    """Tensor cores: per tile of [BLOCK_K // 8, BLOCK_N] words, 4 dots with K = BLOCK_K // 4,
+    dot i over the k = 8 r + i and 8 r + i + 4. The unpacked weights stay in registers.
 
     With BLOCK_M >= 64 Triton uses Hopper's wgmma, which reads its B operand from shared memory
     but A from registers: there the weights become A (computing y.T = W @ x.T)."""
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_K // 8)
     first, last = _k_range(K, tiles_per_split, BLOCK_K)
     acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if WEIGHTS_AS_A else (BLOCK_M, BLOCK_N)
     acc = tl.zeros(acc_shape, dtype=tl.float32)
@@ -230,7 +234,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                        tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
     layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
     dtype = x_ptr.dtype.element_ty
@@ -298,14 +302,13 @@ def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
-    """The rule used when the table has no entry for (M bucket, N, K)."""
-    if m <= 2:
-        kernel, block_m, block_n, block_k = "gemv", 1, 128, 64
-    else:
-        kernel, block_m, block_k = "mma", min(max(16, triton.next_power_of_2(m)), 64), 128
-        block_n = 64 if m > 64 else 128
+    """The rule used when the table has no entry for (M bucket, N, K): tensor cores for every M
+    (BLOCK_M = 16 costs nothing extra at M = 1 and unpacks with fewer integer ops than the gemv
+    kernel, see benchmarks/sass_stats.py), and a K split that fills the GPU."""
+    block_m = min(max(16, triton.next_power_of_2(m)), 64)
+    block_n, block_k = 128 if m <= 64 else 64, 128
     split = _split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
-    return dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+    return dict(KERNEL="mma", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
                 num_warps=4, num_stages=3)
 
 
@@ -330,7 +333,7 @@ def _check(x, qweight, scales, zeros, bias, group_size):
         if t is not None and not t.is_floating_point():
             raise ValueError(f"w4a16: {name} must be a float tensor, got {t.dtype}")
     n = scales.shape[1]
-    assert qweight.shape == (k // 8, n), f"qweight {tuple(qweight.shape)} != {(k // 8, n)} for x {tuple(x.shape)}"
+    assert qweight.shape == (k // 8, n), f"qweight {tuple(qweight.shape)}, x {tuple(x.shape)}"
     assert scales.shape == (k // group_size, n), f"scales {tuple(scales.shape)}, group size {group_size}"
     assert zeros is None or zeros.shape == scales.shape, f"zeros {tuple(zeros.shape)}"
     assert bias is None or bias.shape == (n,), f"bias {tuple(bias.shape)}"
@@ -366,10 +369,10 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     consts = dict(G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
                   SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                  BLOCK_N=block_n, BLOCK_K=block_k)
     if kernel is _w4a16_mma_kernel:
         consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
-                      WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64))
+                      WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), BLOCK_M=block_m)
     kernel[grid](x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
                  tiles_per_split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
     return y.reshape(*x.shape[:-1], n)
@@ -381,10 +384,12 @@ def candidate_configs(m: int, n: int, k: int):
     """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
     tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WEIGHTS_AS_A
     if m <= 4:
-        tiles += [("gemv", 1, bn, bk, w, 3, False) for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 32, 8))]
-    block_ms = {16: [16], 32: [32]}.get(max(16, m), [32, 64])  # BLOCK_M = 128 spills registers
-    tiles += [("mma", bm, bn, 128, w, st, swap) for bm in block_ms for swap in ((False, True) if bm >= 64 else (False,))
-              for bn, w, st in ((64, 4, 4), (128, 4, 3), (256, 8, 3))]
+        tiles += [("gemv", 1, bn, bk, w, 3, False)
+                  for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 32, 8))]
+    for block_m in {16: [16], 32: [32]}.get(max(16, m), [32, 64]):  # BLOCK_M = 128 spills
+        for swap in (False, True) if block_m >= 64 else (False,):
+            tiles += [("mma", block_m, bn, 128, w, st, swap)
+                      for bn, w, st in ((64, 4, 4), (128, 4, 3), (256, 8, 3))]
     for kernel, block_m, block_n, block_k, num_warps, num_stages, swap in tiles:
         k_tiles = triton.cdiv(k, block_k)
         for split in (1, 2, 4, 8, 16, 32) if m <= 64 else (1,):
