@@ -406,12 +406,12 @@ def _slug(device_name: str) -> str:
 
 
 def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
-         rep_ms: int = 5, verbose: bool = True) -> pathlib.Path:
+         rep_ms: int = 5, verbose: bool = True, device="cuda") -> pathlib.Path:
     """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU;
     merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table.
     The file is rewritten after every shape, so an interrupted run keeps what it measured."""
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
+    device = torch.device(device)
+    name = _device_info(device)[0]
     path = pathlib.Path(path or CONFIG_DIR / f"w4a16_{_slug(name)}.json")
     old = json.loads(path.read_text()) if path.exists() else {}
     table = old.get("configs", {}) if old.get("device") == name else {}

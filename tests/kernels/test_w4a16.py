@@ -198,6 +198,30 @@ def test_config_table_lookup(tmp_path, monkeypatch):
     assert w4a16.get_config(5, 64, 256, cpu) == w4a16.default_config(5, 64, 256)
 
 
+def test_tune_picks_the_fastest_and_updates_the_table(tmp_path, monkeypatch):
+    """tune() logic on the interpreter, with a fake clock that favours one config."""
+    launched = []
+
+    def launch(*args):
+        launched.append(args[-1])
+        return w4a16_linear_triton(*args)
+
+    def fake_bench(fn, **kw):
+        fn()
+        cfg = launched[-1]
+        return 1.0 if (cfg["KERNEL"], cfg["BLOCK_N"]) == ("mma", 128) else 2.0
+    monkeypatch.setattr(w4a16, "w4a16_linear_triton", launch)
+    monkeypatch.setattr(w4a16.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(w4a16, "_TABLES", {})
+    path = w4a16.tune([(128, 256)], m_buckets=(1, 32), path=tmp_path / "t.json", verbose=False,
+                      dtype=torch.float32, device="cpu")
+    table = json.loads(path.read_text())
+    assert table["device"] == "cpu" and set(table["configs"]["128,256"]) == {"1", "32"}
+    for bucket, cfg in table["configs"]["128,256"].items():
+        assert cfg["KERNEL"] == "mma" and cfg["BLOCK_N"] == 128
+        assert w4a16.get_config(int(bucket), 128, 256, torch.device("cpu")) == cfg
+
+
 def test_slug():
     assert w4a16._slug("NVIDIA H100 80GB HBM3") == "h100"
     assert w4a16._slug("NVIDIA A100-SXM4-80GB") == "a100"
