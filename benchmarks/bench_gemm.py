@@ -114,7 +114,6 @@ def bench_model(shapes, methods, configs):
                                                                   return_mode="median")
         configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, qw.device) for m in MS}
         print(f"  N={n} K={k} M=1: " + ", ".join(f"{meth} {us[meth][1]}" for meth in methods), flush=True)
-        del w, tg
     flops = {m: 2 * m * sum(n * k for n, k in shapes) for m in MS}
     return {meth: {str(m): None if t is None else
                    dict(us=t, weight_gbs=nbytes[meth] / t / 1e3, tflops=flops[m] / t / 1e6)

@@ -109,7 +109,7 @@ def _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, mask_n, G: tl.constexpr,
     if HAS_ZEROS:
         zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)
     else:
-        zero = tl.full((1, 1), 8.0, dtype)
+        zero = tl.full((1, 1), 8.0, dtype)  # the symmetric zero point
     scale = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32 if SCALE_PER_TILE else dtype)
     return q, zero, scale
 
