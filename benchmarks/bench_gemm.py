@@ -3,8 +3,8 @@
     python benchmarks/bench_gemm.py [--tune]      (needs a CUDA GPU; writes to $OUT, default ./out)
 
 For every M in 1..128 tokens it sums the time of the four linears of one decoder layer (Llama-3-8B
-and -70B). do_bench clears the L2 cache before every call, so weights come from HBM as in a real
-forward pass. --tune first runs ``w4a16.tune`` for these shapes and writes the config table to
+and -70B). Times are medians of CUDA-graph replays with the L2 cache
+cleared before each (hsd.kernels.timing). --tune first runs ``w4a16.tune`` for these shapes and writes the config table to
 $OUT/w4a16_<gpu>.json (copy it to kernels/configs/ to ship it).
 """
 import argparse
@@ -17,6 +17,7 @@ import torch
 import triton
 
 from hsd.kernels import w4a16
+from hsd.kernels.timing import bench_us
 
 LAYERS = {  # (N, K) of qkv, o, gate_up, down
     "llama3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
@@ -87,16 +88,6 @@ def tinygemm_weights(qweight, scales):
     return None
 
 
-def graphed(fn):
-    """The call replayed from a CUDA graph: a launcher's Python cost (tens of us, more than a
-    small-M kernel) stays out of the timing, as it does in hsd's CUDA-graphed decode steps."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def bench_model(shapes, methods, configs):
     """{method: {M: summed median us of the layer's linears, weight GB/s, TFLOP/s}}; the W4A16
     configs used go into ``configs``."""
@@ -120,8 +111,7 @@ def bench_model(shapes, methods, configs):
                 if fns[meth] is None or us[meth][m] is None:
                     us[meth][m] = None
                 else:
-                    us[meth][m] += 1e3 * triton.testing.do_bench(graphed(fns[meth]), warmup=5, rep=40,
-                                                                  return_mode="median")
+                    us[meth][m] += bench_us(fns[meth])
         configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, qw.device) for m in MS}
         print(f"  N={n} K={k} M=1: " + ", ".join(f"{meth} {us[meth][1]}" for meth in methods), flush=True)
     flops = {m: 2 * m * sum(n * k for n, k in shapes) for m in MS}

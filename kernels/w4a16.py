@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from hsd.kernels import registry
+from hsd.kernels.timing import bench_us
 
 SYMMETRIC_ZERO = 8
 CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
@@ -424,9 +425,8 @@ def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16
             best = (math.inf, None)
             for cfg in candidate_configs(m, n, k):
                 try:
-                    us = 1e3 * triton.testing.do_bench(
-                        lambda: w4a16_linear_triton(x, qw, s, None, None, group_size, cfg),
-                        warmup=2, rep=rep_ms, return_mode="median")
+                    us = bench_us(lambda: w4a16_linear_triton(x, qw, s, None, None, group_size, cfg),
+                                  warmup=2, rep=rep_ms)
                 except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
                     if verbose:
                         print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
