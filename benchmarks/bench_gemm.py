@@ -166,7 +166,7 @@ def main():
         print("tuned table:", w4a16.tune(shapes, path=out / f"w4a16_{w4a16._slug(name)}.json"), flush=True)
     report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  group_size=GROUP, timing="triton.testing.do_bench median, L2 cleared before each call",
+                  group_size=GROUP, timing="median of CUDA-graph replays (triton.testing.do_bench), L2 cleared before each",
                   correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
                   w4a16_configs={})
     methods = ("w4a16_g128", "cublas_fp16", "tinygemm_g128")
