@@ -43,21 +43,22 @@ def generate(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = hsd.compile(args.model, quant=args.quant, dtype=dtype, device=args.device,
-                         max_seq_len=args.max_seq_len)
+                         max_seq_len=args.max_seq_len, spec=args.spec, draft=args.draft)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    out = engine.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    out = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          eos_token_id=tokenizer.eos_token_id)
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    _report(engine)
+    _report(getattr(engine, "target", engine), engine.stats)
     return 0
 
 
-def _report(engine):
+def _report(engine, stats=None):
     for tokens, records in sorted(engine.pass_report.items()):
         print(f"passes on the {tokens}-token step graph:")
         for record in records:
             print(f"  {record}")
-    stats = engine.stats
-    gb = engine.weight_bytes(1) / 1e9
+    stats = stats or engine.stats
+    gb = engine.weight_bytes() / 1e9
     print(f"{stats}; weights {gb:.3f} GB -> {stats.decode_tokens_per_s * gb:.1f} GB/s achieved")
 
 
@@ -76,6 +77,9 @@ def main(argv=None):
     g.add_argument("--device", default=None)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--max-seq-len", type=int, default=2048)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--spec", default=None, help="speculative pipeline: draft, qspec (default: autoregressive)")
+    g.add_argument("--draft", default=None, help="draft model path for --spec draft")
     g.set_defaults(run=generate)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -199,10 +199,10 @@ class Engine:
             raise ValueError(f"input_ids must lie in [0, {vocab})")
         return input_ids.to(self.device, torch.long)
 
-    def weight_bytes(self, tokens: int = 1) -> int:
+    def weight_bytes(self, tokens: int = None) -> int:
         """Bytes of weights the T-token step reads; a table only gathered from (the embedding,
         unless tied to the lm_head) counts as not read."""
-        gm = self.graphs[tokens]
+        gm = self.graphs[tokens if tokens is not None else min(self.graphs)]
         gathered = {n.target for n in gm.graph.nodes if n.op == "get_attr"
                     and all(u.target is torch.nn.functional.embedding for u in n.users)}
         return sum(b.numel() * b.element_size() for name, b in gm.named_buffers() if name not in gathered)
