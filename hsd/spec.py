@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 
+from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
 from hsd.sampling import accept_chain, probs, select
 from hsd.stats import Stats, now
@@ -124,7 +125,7 @@ def _draft_pipeline(target, draft, config, compile_model):
     return DraftPipeline(target, draft if isinstance(draft, Engine) else compile_model(draft), config or DraftConfig())
 
 
-PIPELINES = {"draft": _draft_pipeline}
+PIPELINES = {"draft": _draft_pipeline, "eagle2": eagle2_pipeline}
 
 
 def build(spec: str, target: Engine, draft, config, compile_model) -> Speculative:
