@@ -96,14 +96,16 @@ class EagleHead(nn.Module):
         self._shared = None
 
     def attach(self, target):
-        """Share the lm_head and embedding of ``target`` (a Hugging Face causal LM)."""
+        """Share the lm_head and embedding of ``target`` (a Hugging Face causal LM) and move to
+        its device and dtype."""
         for key in ("hidden_size", "vocab_size"):
             mine, theirs = getattr(self.config, key), getattr(target.config, key)
             if mine != theirs:
                 raise ValueError(f"EAGLE head {key} {mine} != target {key} {theirs}: the head was trained for another model")
         # a tuple keeps the target's modules out of the head's module tree and state
         self._shared = (target.get_input_embeddings(), target.get_output_embeddings())
-        return self
+        param = next(target.parameters())
+        return self.to(device=param.device, dtype=param.dtype)
 
     def allocate_cache(self, max_seq_len: int, batch: int = 1):
         """A fresh one-layer cache of ``max_seq_len`` committed entries plus room for a draft tree."""
@@ -149,7 +151,7 @@ def load_eagle_head(path, target) -> EagleHead:
     raw = json.loads((path / "config.json").read_text())
     config = LlamaConfig(**{key: value for key, value in raw.items() if key != "bias"})
     weights = _read_weights(path)
-    head = EagleHead(config, bias=raw.get("bias", True), own_embedding="embed_tokens.weight" in weights).attach(target)
+    head = EagleHead(config, bias=raw.get("bias", True), own_embedding="embed_tokens.weight" in weights)
     expected = head.state_dict()
     missing = [key for key in expected if key not in weights]
     if missing:
@@ -158,8 +160,7 @@ def load_eagle_head(path, target) -> EagleHead:
     if extra:
         raise KeyError(f"EAGLE head checkpoint {path} has unexpected keys {', '.join(extra)}")
     head.load_state_dict({key: weights[key] for key in expected})
-    param = next(target.parameters())
-    return head.to(device=param.device, dtype=param.dtype).eval()
+    return head.attach(target).eval()
 
 
 def _read_weights(path):
