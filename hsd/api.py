@@ -6,12 +6,14 @@ from hsd import spec as hsd_spec
 from hsd.engine import Engine
 from hsd.kv_cache import KVCache
 from hsd.lowering import BACKENDS, default_backend
-from hsd.passes import QUANT_SCHEMES, FuseSiblingLinears, PassManager, QuantizeLinear, RewriteAttention, as_pass
+from hsd.passes import (QUANT_SCHEMES, FuseSiblingLinears, LoadWeights, PassManager, QuantizeLinear,
+                        RewriteAttention, as_pass)
 
 
 def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, max_seq_len: int = 2048,
             batch_size: int = 1, prefill_chunk: int = 128, group_size: int = 128, fuse: bool = True,
-            backend=None, dump_graphs=None, spec=None, draft=None, spec_config=None, draft_quant=None):
+            backend=None, dump_graphs=None, spec=None, draft=None, spec_config=None, draft_quant=None,
+            weights=None):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
@@ -20,10 +22,15 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     every pass (or set HSD_DUMP_GRAPHS). ``backend``: "inductor" (CUDA default, with CUDA
     graphs), "aot_eager" or "eager" (CPU default).
 
+    ``weights``: for a model built on the meta device (no weight materialised), the tensors by
+    Hugging Face name; Linears take ``<module>.qweight`` / ``.scales`` / ``.zeros`` in hsd's W4
+    layout (GPTQ's), so 16-bit Linear weights never exist. Needs ``device``, ``dtype``, ``quant``.
+
     ``spec``: None (autoregressive) or a speculative pipeline name ("draft": ``draft`` is a
     smaller LM, compiled with ``draft_quant``; "eagle2": ``draft`` is an EAGLE-1 head checkpoint
     directory or an ``hsd.eagle.EagleHead``); ``spec_config`` its settings dataclass
-    (``hsd.spec.DraftConfig``, ``hsd.eagle2.Eagle2Config``). Returns an ``Engine`` or, with ``spec``, an ``hsd.spec.Speculative``.
+    (``hsd.spec.DraftConfig``, ``hsd.eagle2.Eagle2Config``). Returns an ``Engine`` or, with
+    ``spec``, an ``hsd.spec.Speculative``.
     """
     if quant is not None and quant not in QUANT_SCHEMES:
         raise ValueError(f"unknown quant {quant!r}; known: {', '.join(QUANT_SCHEMES)} (or None)")
@@ -34,29 +41,42 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     user_passes = [as_pass(p) for p in passes]
     model = _load(model_or_path, dtype)
     check_supported(model.config, max_seq_len)
-    if dtype is not None:
-        model = model.to(dtype)
-    if device is not None:
-        model = model.to(device)
     model.eval()
     model.set_attn_implementation("sdpa")  # RewriteAttention matches the SDPA node
-    param = next(model.parameters())
     builtin = [RewriteAttention()]
+    if next(model.parameters()).is_meta:
+        weights = _meta_weights(model, weights, quant, dtype, device)
+        builtin.insert(0, LoadWeights(weights, device, dtype))
+    else:
+        model = model.to(dtype=dtype, device=device)
+        dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     if fuse:
         builtin.append(FuseSiblingLinears())
     if quant is not None:
-        builtin.append(QuantizeLinear(quant, group_size=group_size))
-    cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, param.dtype, param.device)
+        builtin.append(QuantizeLinear(quant, group_size=group_size, prequantized=weights))
+    cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, dtype, device)
     engine = Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
-                    backend or default_backend(param.device), min(prefill_chunk, max_seq_len))
+                    backend or default_backend(torch.device(device)), min(prefill_chunk, max_seq_len))
     if spec is None:
         return engine
 
     def compile_model(m, quant=draft_quant):
-        return compile(m, quant=quant, dtype=param.dtype, device=param.device, max_seq_len=max_seq_len,
+        return compile(m, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
                        batch_size=batch_size, prefill_chunk=prefill_chunk, group_size=group_size,
                        fuse=fuse, backend=backend)
     return hsd_spec.build(spec, engine, draft, spec_config, compile_model)
+
+
+def _meta_weights(model, weights, quant, dtype, device):
+    """Check a meta-device compile request; returns the weights on ``device`` (floats in ``dtype``)
+    plus the buffers a checkpoint does not hold (the rotary frequencies, recomputed)."""
+    if weights is None or device is None or dtype is None or quant is None:
+        raise ValueError("a model on the meta device needs weights=, device=, dtype= and quant= "
+                         "(its Linear weights come pre-quantized)")
+    rotary = model.model.rotary_emb
+    fresh = type(rotary)(config=model.config)
+    derived = {f"model.rotary_emb.{name}": b for name, b in fresh.named_buffers()}
+    return {name: t.to(device, dtype if t.is_floating_point() else t.dtype) for name, t in {**derived, **weights}.items()}
 
 
 def _load(model_or_path, dtype):

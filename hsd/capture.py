@@ -31,24 +31,38 @@ def check_supported(config, max_seq_len: int):
             f"attention: pass max_seq_len <= {window}")
 
 
-def capture(model: torch.nn.Module, batch: int, tokens: int) -> torch.fx.GraphModule:
-    """Trace ``model`` for input_ids of shape [batch, tokens]; see the module docstring."""
+def capture(model: torch.nn.Module, batch: int, tokens: int, device=None) -> torch.fx.GraphModule:
+    """Trace ``model`` for input_ids of shape [batch, tokens]; see the module docstring.
+
+    A skeleton on the meta device (no weight ever materialised) is traced on meta; ``device``
+    then names where the graph will run, and device constants in the graph are retargeted."""
     graphs = []
 
     def grab(gm, example_inputs):
         graphs.append((gm, example_inputs))
         return gm.forward
 
-    device = next(model.parameters()).device
-    input_ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
-    position_ids = torch.arange(tokens, device=device).expand(batch, tokens)
+    traced_on = next(model.parameters()).device
+    input_ids = torch.zeros(batch, tokens, dtype=torch.long, device=traced_on)
+    position_ids = torch.arange(tokens, device=traced_on).expand(batch, tokens)
     torch._dynamo.reset()
     traced = torch.compile(model.forward, backend=grab, fullgraph=True, dynamic=False)
     with torch.no_grad():
         traced(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     torch._dynamo.reset()
     (gm, example_inputs), = graphs
-    return _own_graph(model, gm, example_inputs)
+    gm = _own_graph(model, gm, example_inputs)
+    if device is not None and torch.device(device) != torch.device(traced_on):
+        _retarget(gm, traced_on, torch.device(device))
+    return gm
+
+
+def _retarget(gm, old: torch.device, new: torch.device):
+    swap = lambda a: new if isinstance(a, torch.device) and a == old else a
+    for node in gm.graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, swap)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+    gm.recompile()
 
 
 def _own_graph(model, gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:

@@ -13,7 +13,7 @@ from hsd.capture import capture
 from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
 from hsd.kv_cache import KVCache
 from hsd.lowering import lower
-from hsd.passes import PassManager
+from hsd.passes import PassManager, QuantizeLinear, check_materialised
 from hsd.sampling import select
 from hsd.stats import Stats, now
 
@@ -36,6 +36,14 @@ class Engine:
         self._steps = {}
         self._masks = {}
 
+    def with_passes(self, *extra) -> "Engine":
+        """An engine over the same model, KV cache and converted weights (the passes are shared,
+        so are their weight caches) whose step graphs also run ``extra`` passes at the end."""
+        if not any(isinstance(p, QuantizeLinear) for p in self.passes.passes):
+            raise ValueError("sharing weights between modes needs a quantized engine (quant='w4a16')")
+        passes = PassManager([*self.passes.passes, *extra], dump_dir=self.passes.dump_dir)
+        return Engine(self.model, passes, self.cache, self.backend, self.prefill_chunk)
+
     # ---- steps -------------------------------------------------------------------------------
     def step(self, input_ids, position_ids, tree_mask):
         """Run T = input_ids.shape[1] tokens per row at positions ``position_ids`` after
@@ -54,8 +62,9 @@ class Engine:
     def _build(self, tokens):
         start = time.perf_counter()
         with torch.no_grad():
-            gm = capture(self.model, self.batch_size, tokens)
+            gm = capture(self.model, self.batch_size, tokens, self.device)
             gm, self.pass_report[tokens] = self.passes(gm, tag=f"t{tokens}_")
+            check_materialised(gm)
         self.graphs[tokens] = gm
         inputs = dict(input_ids=torch.zeros(self.batch_size, tokens, dtype=torch.long, device=self.device),
                       position_ids=self._positions(tokens), cache_len=self.cache.length,
@@ -141,7 +150,7 @@ class Engine:
         max_new_tokens. Returns (input_ids on the device, EOS ids tensor, pad id)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        input_ids = self._check(input_ids, max_new_tokens + room)
+        input_ids = self._check(input_ids, max_new_tokens, room)
         eos = _as_list(eos_token_id if eos_token_id is not None else _generation(self.model, "eos_token_id"))
         pad = pad_token_id if pad_token_id is not None else _generation(self.model, "pad_token_id")
         pad = pad if pad is not None else (eos[0] if eos else 0)
@@ -175,7 +184,7 @@ class Engine:
                 logits.append(step_logits[:, :n].clone())
         return torch.cat(logits, 1), torch.cat(hidden, 1)
 
-    def _check(self, input_ids, new_tokens):
+    def _check(self, input_ids, new_tokens, room=0):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError("input_ids must be an integer tensor of shape [batch, tokens]")
         b, p = input_ids.shape
@@ -183,8 +192,9 @@ class Engine:
             raise ValueError(f"this engine was compiled for batch_size={self.batch_size}, got input_ids of batch {b}")
         if p == 0:
             raise ValueError("input_ids is empty")
-        if p + new_tokens > self.cache.max_seq_len:
-            raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({new_tokens}) exceeds the KV cache's "
+        if p + new_tokens + room > self.cache.max_seq_len:
+            extra = f" + {room} slots for the last speculative step" if room else ""
+            raise ValueError(f"prompt ({p} tokens) + max_new_tokens ({new_tokens}){extra} exceeds the KV cache's "
                              f"max_seq_len={self.cache.max_seq_len}; pass a larger max_seq_len to hsd.compile")
         vocab = self.config.vocab_size
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:

@@ -11,6 +11,7 @@ import torch
 
 from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
+from hsd.passes import QuantizeActivations
 from hsd.sampling import accept_chain, probs, select
 from hsd.stats import Stats, now
 
@@ -25,16 +26,32 @@ class DraftConfig:
             raise ValueError(f"draft k must be in 1..127 (the target verifies k + 1 <= 128 tokens), got {self.k}")
 
 
+@dataclasses.dataclass
+class QSpecConfig:
+    """QSpec: the target itself drafts ``k`` tokens with ``act_bits``-bit activations (same 4-bit
+    weights, same KV cache), then verifies k + 1 with 16-bit activations."""
+    k: int = 3
+    act_bits: int = 8
+
+    def validate(self):
+        DraftConfig(self.k).validate()
+        if self.act_bits not in (4, 8):
+            raise ValueError(f"QSpec act_bits must be 4 or 8, got {self.act_bits}")
+
+
 class DraftPipeline:
     """Draft model proposes a chain greedily (or by sampling), the target verifies it in one step.
 
     Both engines hold the accepted text in their caches, except the newest token. The draft's
     cache may also lack the last draft token when all k were accepted: ``pending`` holds the
     1 or 2 tokens it must consume before drafting again (two fixed step shapes).
+    When the draft shares the target's cache (QSpec), the draft's K/V land in the slots the
+    verification then overwrites, and nothing is ever pending but the newest token.
     """
 
     def __init__(self, target: Engine, draft: Engine, config: DraftConfig):
         config.validate()
+        self.shared = draft.cache is target.cache
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"draft vocab {draft.config.vocab_size} != target vocab {target.config.vocab_size}: "
                              "the draft must share the target's tokenizer")
@@ -48,11 +65,12 @@ class DraftPipeline:
         target, draft = self.target, self.draft
         input_ids, eos, _ = target.prepare(input_ids, max_new_tokens, eos_token_id, pad_token_id,
                                            room=k + 1, steps=(k + 1,))
-        draft.prepare(input_ids, max_new_tokens, room=k + 1, steps=(1, 2))
+        draft.prepare(input_ids, max_new_tokens, room=k + 1, steps=(1,) if self.shared else (1, 2))
         stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
         start = now(target.device)
         first = select(target.prefill(input_ids)[0], temperature)          # [1]
-        draft.prefill(input_ids)
+        if not self.shared:
+            draft.prefill(input_ids)
         stats.prefill_s = now(target.device) - start
         out, pending = [first], [first]
         produced, done = 1, bool(torch.isin(first, eos).any())
@@ -60,14 +78,18 @@ class DraftPipeline:
         while produced < max_new_tokens and not done:
             tick = now(target.device)
             tokens, q = self._draft(pending, k, temperature)
+            if self.shared:  # verification rewrites the k slots the draft just filled
+                target.cache.length -= k
             stats.draft_s += (tock := now(target.device)) - tick
             logits, _ = target.verify(torch.cat([pending[-1], tokens])[None], list(range(-1, k)))
             n, nxt = accept_chain(logits[0], tokens, q, temperature)
             n = int(n)  # the step's one host sync
             target.accept(torch.arange(n + 1, device=target.device)[None])
-            # the draft's cache holds pending + tokens[:k-1]: drop the rejected ones
-            draft.cache.length -= (k - 1) - min(n, k - 1)
-            pending = [tokens[k - 1:], nxt[None]] if n == k else [nxt[None]]
+            if self.shared:
+                pending = [nxt[None]]
+            else:  # the draft's cache holds pending + tokens[:k-1]: drop the rejected ones
+                draft.cache.length -= (k - 1) - min(n, k - 1)
+                pending = [tokens[k - 1:], nxt[None]] if n == k else [nxt[None]]
             new = torch.cat([tokens[:n], nxt[None]])
             out.append(new)
             produced += n + 1
@@ -125,7 +147,15 @@ def _draft_pipeline(target, draft, config, compile_model):
     return DraftPipeline(target, draft if isinstance(draft, Engine) else compile_model(draft), config or DraftConfig())
 
 
-PIPELINES = {"draft": _draft_pipeline, "eagle2": eagle2_pipeline}
+def _qspec_pipeline(target, draft, config, compile_model):
+    if draft is not None:
+        raise ValueError('spec="qspec" drafts with the target itself: do not pass draft=')
+    config = config or QSpecConfig()
+    config.validate()
+    return DraftPipeline(target, target.with_passes(QuantizeActivations(config.act_bits)), DraftConfig(config.k))
+
+
+PIPELINES = {"draft": _draft_pipeline, "qspec": _qspec_pipeline, "eagle2": eagle2_pipeline}
 
 
 def build(spec: str, target: Engine, draft, config, compile_model) -> Speculative:

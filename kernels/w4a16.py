@@ -3,20 +3,44 @@
 Weight format (the GPTQ layout, so GPTQ checkpoints load without repacking), for a Linear with
 N outputs and K inputs and group size G (G = K means one group per output channel):
   qweight  int32 [K // 8, N]   nibble i of word r holds k = 8 r + i, lowest bits first
-  scales   [K // G, N]         activation dtype
-  zeros    [K // G, N] or None same dtype as scales; None means the symmetric zero point 8
+  scales   [K // G, N]         float (usually the activation dtype)
+  zeros    [K // G, N] or None float, same shape as scales; None means the symmetric zero point 8
   w[n, k] = (q[k, n] - zero[k // G, n]) * scales[k // G, n]
 
-This file holds the quantizer (round-to-nearest), pack/unpack, the torch reference, the Triton
-kernel with its launcher, and a benchmark against cuBLAS fp16 (``python -m hsd.kernels.w4a16``).
+This file holds the quantizer (round-to-nearest), pack/unpack, the torch reference, two Triton
+kernels with one launcher and a config table, and ``tune()``, which times candidate configs on
+the current GPU and writes the table (``kernels/configs/w4a16_<gpu>.json``, loaded at import).
+
+The kernels have to stay fast from M = 1 (decode) to M = 64+ (tree verification), i.e. stream
+the 4-bit weights at memory bandwidth while unpacking them. On Hopper the unpacking, not the
+MMA, is the cost to watch: integer ops run at half the fp32 rate. So:
+  * Nibbles never go through an int->float conversion (see ``_nibbles``), and for 16-bit
+    activations one shift and one mask unpack two of them (k = 8 r + i and 8 r + i + 4).
+  * Those two become adjacent k rows of one dot operand, with the activations split to match
+    (``_split4``): the order of k inside a dot is free, and this pairing is the one the MMA
+    operand registers want, so the unpacked weights are neither reshaped nor repacked.
+  * Small M splits K over several programs (SPLIT_K) that add into the output atomically, so
+    even N = 4096 fills every SM; one [BLOCK_K, BLOCK_N] weight tile serves all BLOCK_M rows.
+Variants, picked per (M bucket, N, K) by the table or ``default_config``: "mma" (tensor cores,
+BLOCK_M 16..64) and "gemv" (CUDA cores, one row per program, for M <= 4).
+``benchmarks/sass_stats.py`` compiles every config for sm_90 without a GPU and counts the
+instructions that matter.
 """
+import functools
+import json
+import math
+import pathlib
+
 import torch
 import triton
 import triton.language as tl
 
 from hsd.kernels import registry
+from hsd.kernels.timing import bench_us
 
 SYMMETRIC_ZERO = 8
+CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def quantize_rtn(w: torch.Tensor, group_size: int, symmetric: bool = True):
@@ -70,80 +94,350 @@ def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int):
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
-                  stride_xm, stride_ym, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0)
-        # each int32 word is loaded for its 8 k rows; the repeats hit L1
-        q = tl.load(qw_ptr + (kk[:, None] // 8) * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        q = (q >> ((kk[:, None] % 8) * 4)) & 0xF
-        g = kk[:, None] // G
-        s = tl.load(s_ptr + g * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + g * N + offs_n[None, :], mask=mask_n[None, :], other=0.0)
+def _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, mask_n, G: tl.constexpr,
+               HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+               dtype: tl.constexpr):
+    """Packed words [BLOCK_K // 8, BLOCK_N] of rows k0 .. k0 + BLOCK_K, their zero points (in
+    dtype) and scales: [1, BLOCK_N] fp32 when the tile lies in one group (the caller scales the
+    [M, N] product once, instead of BLOCK_K times as many weights), else per word row in dtype."""
+    rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask = (rows < K // 8)[:, None] & mask_n[None, :]
+    q = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    if SCALE_PER_TILE:
+        offs, mask = (k0 // G) * N + offs_n[None, :], mask_n[None, :]
+    else:  # G is a multiple of 8, so the 8 nibbles of a word share a group
+        offs = ((8 * rows) // G)[:, None] * N + offs_n[None, :]
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)
+    else:
+        zero = tl.full((1, 1), 8.0, dtype)  # the symmetric zero point
+    scale = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32 if SCALE_PER_TILE else dtype)
+    return q, zero, scale
+
+
+@triton.jit
+def _nibbles(q, i: tl.constexpr, zero):
+    """Nibbles i and i + 4 of every word (k = 8 r + i and 8 r + i + 4) minus their zero point,
+    exact, in zero's dtype.
+
+    A nibble becomes a float by OR-ing it into the mantissa of 1024 (fp16), 128 (bf16) or 2**23
+    (fp32): an int->float conversion runs at a quarter of the rate of plain arithmetic on NVIDIA
+    GPUs and would cap the kernel below memory bandwidth. For 16-bit floats one shift and one
+    mask place nibbles i and i + 4 in the two halves of a word: integer ops (half the fp32 rate
+    on Hopper) are what bound this kernel, so this halves the dominant cost.
+    """
+    if zero.dtype == tl.float32:
+        lo = (((q >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        hi = (((q >> (4 * i + 16)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        return lo - (zero + 8388608.0), hi - (zero + 8388608.0)
+    else:
+        one: tl.constexpr = 1024.0 if zero.dtype == tl.float16 else 128.0
+        magic: tl.constexpr = 0x64006400 if zero.dtype == tl.float16 else 0x43004300
+        halves = ((q >> (4 * i)) & 0x000F000F) | magic
+        lo = halves.to(tl.int16).to(zero.dtype, bitcast=True)
+        hi = (halves >> 16).to(tl.int16).to(zero.dtype, bitcast=True)
+        return lo - (zero + one), hi - (zero + one)
+
+
+@triton.jit
+def _k_range(K, tiles_per_split, BLOCK_K: tl.constexpr):
+    """The tiles of K this program sums: split pid_k of the SPLIT_K programs along axis 2."""
+    first = tl.program_id(2) * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+
+
+@triton.jit
+def _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+           ATOMIC: tl.constexpr):
+    """Store (or with a split K, atomically add) the [BLOCK_M, BLOCK_N] fp32 tile plus bias."""
+    if HAS_BIAS:  # with a split K only the first split adds the bias
+        b = tl.load(b_ptr + offs_n, mask=offs_n < tl.where(tl.program_id(2) == 0, N, 0), other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split4(x):
+    """[M, BLOCK_K] -> 4 tensors [M, BLOCK_K // 4]; tensor j holds, at 2 r + a, the column
+    k = 8 r + 4 a + j. One vectorized load of x plus register-only splits."""
+    x = tl.reshape(x, (x.shape[0], x.shape[1] // 8, 2, 2, 2))  # k = 8 r + 4 a + 2 b + c
+    c0, c1 = tl.split(x)
+    x0, x2 = tl.split(c0)
+    x1, x3 = tl.split(c1)
+    shape: tl.constexpr = (x.shape[0], x.shape[1] * 2)
+    return (tl.reshape(x0, shape), tl.reshape(x1, shape), tl.reshape(x2, shape),
+            tl.reshape(x3, shape))
+
+
+@triton.jit
+def _interleave_rows(lo, hi):
+    """[R, N], [R, N] -> [2 R, N] with row 2 r + a from lo (a = 0) or hi (a = 1)."""
+    both = tl.permute(tl.join(lo, hi), (0, 2, 1))
+    return tl.reshape(both, (lo.shape[0] * 2, lo.shape[1]))
+
+
+@triton.jit
+def _dot(x, w, acc, WEIGHTS_AS_A: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x @ w, or its transpose acc.T + w.T @ x.T when the weights are the A operand."""
+    if WEIGHTS_AS_A:
+        return tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(x, w, acc, input_precision=PRECISION)
+
+
+# M and the split length only bound loops and masks: one compiled kernel serves every value
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                      tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+                      PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tensor cores: per tile of [BLOCK_K // 8, BLOCK_N] words, 4 dots with K = BLOCK_K // 4,
+    dot i over the k = 8 r + i and 8 r + i + 4. The unpacked weights stay in registers.
+
+    With BLOCK_M >= 64 Triton uses Hopper's wgmma, which reads its B operand from shared memory
+    but A from registers: there the weights become A (computing y.T = W @ x.T)."""
+    dtype = x_ptr.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
+    acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if WEIGHTS_AS_A else (BLOCK_M, BLOCK_N)
+    acc = tl.zeros(acc_shape, dtype=tl.float32)
+    for t in range(first, last):
+        k0 = t * BLOCK_K
+        q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
+                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xs = _split4(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
+        if SCALE_PER_TILE:
+            part = tl.zeros(acc_shape, dtype=tl.float32)
+            for i in tl.static_range(4):
+                w_lo, w_hi = _nibbles(q, i, zero)
+                part = _dot(xs[i], _interleave_rows(w_lo, w_hi), part, WEIGHTS_AS_A, PRECISION)
+            acc += part * (tl.reshape(scale, (BLOCK_N, 1)) if WEIGHTS_AS_A else scale)
         else:
-            z = 8.0
-        w = ((q.to(tl.float32) - z) * s).to(x.dtype)
-        acc += tl.dot(x, w)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            for i in tl.static_range(4):
+                w_lo, w_hi = _nibbles(q, i, zero)
+                w = _interleave_rows(w_lo * scale, w_hi * scale)
+                acc = _dot(xs[i], w, acc, WEIGHTS_AS_A, PRECISION)
+    if WEIGHTS_AS_A:
+        acc = tl.trans(acc)
+    _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
 
 
-def _blocks(m: int, k: int, group_size: int):
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = min(128, group_size, k)
-    return block_m, 64, block_k
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                       tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
+    layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
+    dtype = x_ptr.dtype.element_ty
+    m = tl.program_id(0)
+    offs_m = m + tl.arange(0, 1)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_K // 8)
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    for t in range(first, last):
+        k0 = t * BLOCK_K
+        # (q - zero) in the 16-bit activation dtype is exact and takes half the integer ops
+        q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
+                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
+        x_ptrs = x_ptr + m * stride_xm + k0 + 8 * offs_r
+        x_mask = k0 + 8 * offs_r < K
+        part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(4):
+            w_lo, w_hi = _nibbles(q, i, zero)
+            if not SCALE_PER_TILE:
+                w_lo, w_hi = w_lo * scale, w_hi * scale
+            x_lo = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptrs + i + 4, mask=x_mask, other=0.0).to(tl.float32)
+            part += w_lo.to(tl.float32) * x_lo[:, None] + w_hi.to(tl.float32) * x_hi[:, None]
+        acc += part * scale if SCALE_PER_TILE else part
+    _write(y_ptr, b_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, M, N, stride_ym, HAS_BIAS,
+           ATOMIC)
+
+
+_KERNELS = {"mma": _w4a16_mma_kernel, "gemv": _w4a16_gemv_kernel}
+
+
+# --------------------------------------------------------------------------- configs
+
+def _bucket(m: int) -> int:
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def _load_tables() -> dict:
+    """{device name: {"N,K": {"M bucket": config}}} from every JSON file in configs/."""
+    tables = {}
+    for path in sorted(CONFIG_DIR.glob("w4a16_*.json")):
+        data = json.loads(path.read_text())
+        tables[data["device"]] = data["configs"]
+    return tables
+
+
+_TABLES = _load_tables()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device: torch.device):
+    if device.type != "cuda":
+        return "cpu", 132  # the interpreter: same rule as an H100, so CPU tests cover GPU configs
+    p = torch.cuda.get_device_properties(device)
+    return p.name, p.multi_processor_count
+
+
+def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
+    """Smallest split of K that gives about 2 programs per SM, each with >= 2 tiles of K."""
+    split = 1
+    while m_tiles * n_tiles * split < 2 * sms and k_tiles // (2 * split) >= 2:
+        split *= 2
+    return split
+
+
+def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
+    """The rule used when the table has no entry for (M bucket, N, K): tensor cores for every M
+    (BLOCK_M = 16 costs nothing extra at M = 1 and unpacks with fewer integer ops than the gemv
+    kernel, see benchmarks/sass_stats.py), and a K split that fills the GPU."""
+    block_m = min(max(16, triton.next_power_of_2(m)), 64)
+    block_n, block_k = 128 if m <= 64 else 64, 128
+    split = _split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+    return dict(KERNEL="mma", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                num_warps=4, num_stages=3)
+
+
+def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    name, sms = _device_info(device)
+    table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
+    return table.get(f"{n},{k}", {}).get(str(_bucket(m))) or default_config(m, n, k, sms)
+
+
+# --------------------------------------------------------------------------- launcher
+
+def _check(x, qweight, scales, zeros, bias, group_size):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"w4a16: activations must be fp16, bf16 or fp32, got {x.dtype}")
+    if qweight.dtype != torch.int32:
+        raise ValueError(f"w4a16: qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
+    k = x.shape[-1]
+    if group_size <= 0 or group_size % 8 or k % group_size:
+        raise ValueError(f"w4a16: in_features {k} must be divisible by the group size {group_size}, "
+                         "itself a positive multiple of 8 (use group_size = K for per-channel)")
+    for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"w4a16: {name} must be a float tensor, got {t.dtype}")
+    n = scales.shape[1]
+    assert qweight.shape == (k // 8, n), f"qweight {tuple(qweight.shape)}, x {tuple(x.shape)}"
+    assert scales.shape == (k // group_size, n), f"scales {tuple(scales.shape)}, group size {group_size}"
+    assert zeros is None or zeros.shape == scales.shape, f"zeros {tuple(zeros.shape)}"
+    assert bias is None or bias.shape == (n,), f"bias {tuple(bias.shape)}"
+    assert all(t is None or t.device == x.device for t in (qweight, scales, zeros, bias))
 
 
 @registry.register("w4a16_linear", "cuda", "triton")
 @registry.register("w4a16_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, blocks=None):
+def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None):
+    """config: dict(KERNEL ("mma" or "gemv"), BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
+    num_stages, optional WEIGHTS_AS_A (mma only; default BLOCK_M >= 64)); default: the tuned
+    table for this GPU, else ``default_config``."""
+    _check(x, qweight, scales, zeros, bias, group_size)
     k, n = x.shape[-1], scales.shape[1]
-    assert qweight.dtype == torch.int32 and qweight.shape == (k // 8, n), (qweight.shape, x.shape)
-    assert scales.shape == (k // group_size, n) and k % group_size == 0, (scales.shape, group_size)
-    assert zeros is None or zeros.shape == scales.shape
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    block_m, block_n, block_k = blocks or _blocks(m, k, group_size)
-    assert block_m >= 16 and block_n >= 16 and block_k >= 16, "tl.dot needs blocks of at least 16"
-    assert k % block_k == 0 and (block_k % group_size == 0 or group_size % block_k == 0)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a16_kernel[grid](x2, qweight, scales.to(x.dtype), zeros if zeros is None else zeros.to(x.dtype),
-                        bias, y, m, n, k, x2.stride(0), y.stride(0), G=group_size,
-                        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    cfg = config or get_config(m, n, k, x.device)
+    kernel = _KERNELS[cfg["KERNEL"]]
+    block_m, block_n, block_k, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    assert all(b > 0 and b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
+    if kernel is _w4a16_gemv_kernel:
+        assert block_m == 1 and block_k >= 8, cfg
+    else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
+        assert min(block_m, block_n, block_k // 8) >= 16, cfg
+    k_tiles = triton.cdiv(k, block_k)
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
+    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    consts = dict(G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+                  SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
+                  BLOCK_N=block_n, BLOCK_K=block_k)
+    if kernel is _w4a16_mma_kernel:
+        consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
+                      WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), BLOCK_M=block_m)
+    kernel[grid](x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
+                 tiles_per_split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
     return y.reshape(*x.shape[:-1], n)
 
 
-def benchmark():
-    """Llama-3-8B layer shapes: Triton W4A16 vs cuBLAS fp16, microseconds and weight GB/s."""
-    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-    print(f"{'M':>4} {'fp16 us':>9} {'w4a16 us':>9} {'w4a16 GB/s':>11}")
-    for m in (1, 16, 64):
-        t16 = tq = 0.0
-        nbytes = 0
-        for n, k in shapes:
-            w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            qw, s, _ = quantize_rtn(w, 128)
-            t16 += triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w)) * 1e3
-            tq += triton.testing.do_bench(lambda: w4a16_linear_triton(x, qw, s, None, None, 128)) * 1e3
-            nbytes += qw.numel() * 4 + s.numel() * 2
-        print(f"{m:>4} {t16:>9.1f} {tq:>9.1f} {nbytes / tq / 1e3:>11.0f}")
+# --------------------------------------------------------------------------- tuning
+
+def candidate_configs(m: int, n: int, k: int):
+    """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
+    tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WEIGHTS_AS_A
+    if m <= 4:
+        tiles += [("gemv", 1, bn, bk, w, 3, False)
+                  for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 32, 8))]
+    for block_m in {16: [16], 32: [32]}.get(max(16, m), [32, 64]):  # BLOCK_M = 128 spills
+        for swap in (False, True) if block_m >= 64 else (False,):
+            tiles += [("mma", block_m, bn, 128, w, st, swap)
+                      for bn, w, st in ((64, 4, 4), (128, 4, 3), (256, 8, 3))]
+    for kernel, block_m, block_n, block_k, num_warps, num_stages, swap in tiles:
+        k_tiles = triton.cdiv(k, block_k)
+        for split in (1, 2, 4, 8, 16, 32) if m <= 64 else (1,):
+            if split == 1 or k_tiles // split >= 2:
+                yield dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           SPLIT_K=split, num_warps=num_warps, num_stages=num_stages,
+                           WEIGHTS_AS_A=swap)
 
 
-if __name__ == "__main__":
-    benchmark()
+def _slug(device_name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "h100": the first word with a digit in it."""
+    words = device_name.lower().replace("-", " ").split()
+    return next((w for w in words if any(c.isdigit() for c in w)), "_".join(words))
+
+
+def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
+         rep_ms: int = 5, verbose: bool = True, device="cuda") -> pathlib.Path:
+    """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU;
+    merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table.
+    The file is rewritten after every shape, so an interrupted run keeps what it measured."""
+    device = torch.device(device)
+    name = _device_info(device)[0]
+    path = pathlib.Path(path or CONFIG_DIR / f"w4a16_{_slug(name)}.json")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    table = old.get("configs", {}) if old.get("device") == name else {}
+    _TABLES[name] = table
+    for n, k in shapes:
+        qw, s, _ = quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size)
+        entry = table.setdefault(f"{n},{k}", {})
+        for m in m_buckets:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            best = (math.inf, None)
+            for cfg in candidate_configs(m, n, k):
+                try:
+                    us = bench_us(lambda: w4a16_linear_triton(x, qw, s, None, None, group_size, cfg),
+                                  warmup=2, rep=rep_ms)
+                except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
+                    if verbose:
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                if us < best[0]:
+                    best = (us, cfg)
+            if best[1] is not None:
+                entry[str(m)] = best[1]
+            if verbose:
+                print(f"N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": name, "group_size": group_size, "dtype": str(dtype),
+                                    "configs": table}, indent=1))
+    return path

@@ -78,6 +78,7 @@ class FuseSiblingLinears(Pass):
         with graph.inserting_before(first):
             fused = graph.call_function(torch._C._nn.linear, (first.args[0], w_node, b_node))
         fused.meta["hsd_module"] = name
+        fused.meta["hsd_parts"] = [n.meta["hsd_module"] for n in siblings]
         start = 0
         for node, w in zip(siblings, weights):
             with graph.inserting_before(first):
@@ -100,11 +101,12 @@ class QuantizeLinear(Pass):
     name = "quantize_linear"
 
     def __init__(self, scheme: str = "w4a16", group_size: int = 128, symmetric: bool = True,
-                 include_lm_head: bool = False):
+                 include_lm_head: bool = False, prequantized=None):
         if scheme not in QUANT_SCHEMES:
             raise ValueError(f"unknown quant scheme {scheme!r}; known: {', '.join(QUANT_SCHEMES)}")
         self.scheme, self.group_size, self.symmetric = scheme, group_size, symmetric
         self.include_lm_head = include_lm_head
+        self.prequantized = prequantized or {}  # "<module>.qweight" / ".scales" / ".zeros" -> tensor
         self._done = {}  # weight attribute -> quantized tensors, shared by every step graph
 
     def settings(self):
@@ -120,13 +122,13 @@ class QuantizeLinear(Pass):
             if module == "lm_head" and not self.include_lm_head:
                 continue
             w_node, b_node = _weight(node)
-            qweight, scales, zeros = self._quantize(gm, w_node, module)
+            qweight, scales, zeros = self._quantize(gm, w_node, node.meta.get("hsd_parts", [module]))
             owner = w_node.target.rsplit(".", 1)[0]
             args = [_add_attr(gm, graph, node, f"{owner}.{name}", t) if t is not None else None
                     for name, t in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros))]
             with graph.inserting_before(node):
                 q = graph.call_function(torch.ops.hsd.w4a16_linear.default,
-                                        (node.args[0], *args, b_node, self._group(qweight.shape[0] * 8)))
+                                        (node.args[0], *args, b_node, qweight.shape[0] * 8 // scales.shape[0]))
             q.meta.update(node.meta)
             node.replace_all_uses_with(q)
             graph.erase_node(node)
@@ -135,13 +137,32 @@ class QuantizeLinear(Pass):
     def _group(self, k):
         return k if self.group_size in (None, -1) else self.group_size
 
-    def _quantize(self, gm, w_node, module):
+    def _quantize(self, gm, w_node, parts):
         if w_node.target not in self._done:
             w = _fetch(gm, w_node)
-            n, k = w.shape
-            if k % self._group(k) or k % 8:
-                raise ValueError(f"{module}: in_features {k} is not divisible by the group size "
-                                 f"{self._group(k)} (and by 8); use group_size=-1 (per channel) "
-                                 "or a group size that divides it")
-            self._done[w_node.target] = w4a16.quantize_rtn(w, self.group_size, self.symmetric)
+            self._done[w_node.target] = self._load(parts, w) if w.is_meta else self._rtn(w, "+".join(parts))
         return self._done[w_node.target]
+
+    def _rtn(self, w, module):
+        n, k = w.shape
+        if k % self._group(k) or k % 8:
+            raise ValueError(f"{module}: in_features {k} is not divisible by the group size "
+                             f"{self._group(k)} (and by 8); use group_size=-1 (per channel) "
+                             "or a group size that divides it")
+        return w4a16.quantize_rtn(w, self.group_size, self.symmetric)
+
+    def _load(self, parts, w):
+        """Pre-quantized tensors of each (fused) part, concatenated along N like the weights."""
+        missing = [f"{p}.qweight" for p in parts if f"{p}.qweight" not in self.prequantized]
+        if missing:
+            raise ValueError(f"{missing[0]}: the weight is on the meta device and no quantized tensors were given")
+        qweight, scales = (torch.cat([self.prequantized[f"{p}.{t}"] for p in parts], 1) for t in ("qweight", "scales"))
+        zeros = [self.prequantized.get(f"{p}.zeros") for p in parts]
+        if all(z is None for z in zeros):
+            zeros = None
+        else:  # a symmetric part next to an asymmetric one: spell out its zero point
+            zeros = torch.cat([z if z is not None else torch.full_like(self.prequantized[f"{p}.scales"], 8)
+                               for p, z in zip(parts, zeros)], 1)
+        if qweight.shape != (w.shape[1] // 8, w.shape[0]):
+            raise ValueError(f"{'+'.join(parts)}: qweight {tuple(qweight.shape)} does not fit the weight {tuple(w.shape)}")
+        return qweight, scales, zeros

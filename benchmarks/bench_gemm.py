@@ -1,0 +1,188 @@
+"""W4A16 GEMM vs cuBLAS fp16 vs torch's int4 tinygemm on the linears of one Llama-3 layer.
+
+    python benchmarks/bench_gemm.py [--tune]      (needs a CUDA GPU; writes to $OUT, default ./out)
+
+For every M in 1..128 tokens it sums the time of the four linears of one decoder layer (Llama-3-8B
+and -70B). Times are medians of CUDA-graph replays with the L2 cache
+cleared before each (hsd.kernels.timing). --tune first runs ``w4a16.tune`` for these shapes and writes the config table to
+$OUT/w4a16_<gpu>.json (copy it to kernels/configs/ to ship it).
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+
+import torch
+import triton
+
+from hsd.kernels import w4a16
+from hsd.kernels.timing import bench_us
+
+LAYERS = {  # (N, K) of qkv, o, gate_up, down
+    "llama3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+    "llama3-70b": [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)],
+}
+MS = (1, 2, 4, 8, 16, 32, 64, 128)
+GROUP = 128
+HBM_TBS = 3.02  # H100 device-to-device copy, TB/s (docs REFERENCE.md section 1)
+
+
+def random_w4(n, k, dtype=torch.float16, zeros=False):
+    """Random non-zero nibbles and scales: the kernel's speed must not depend on the data."""
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // GROUP, n, device="cuda") * 0.02 + 0.001).to(dtype)
+    z = torch.randint(0, 16, scales.shape, device="cuda").to(dtype) if zeros else None
+    return qweight, scales, z
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check_correctness():
+    """Relative error of both kernels vs the torch reference on the GPU, per dtype and variant."""
+    rows = []
+    n, k = 4096, 4096
+    variants = {torch.float16: ((False, False, GROUP), (True, True, GROUP), (True, False, k)),
+                torch.bfloat16: ((False, False, GROUP), (True, True, GROUP)),
+                torch.float32: ((False, False, GROUP),)}
+    runs = [("gemv", 1, 1, 64), ("gemv", 3, 1, 64), ("mma", 1, 16, 128), ("mma", 16, 16, 128),
+            ("mma", 64, 64, 128), ("mma", 128, 64, 128)]  # kernel, M, BLOCK_M, BLOCK_K
+    for dtype, cases in variants.items():
+        for zeros, bias, group in cases:
+            qw, s, z = random_w4(n, k, dtype, zeros)
+            if group == k:
+                s, z = s[:1], None if z is None else z[:1]
+            b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+            for kernel, m, block_m, block_k in runs:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                ref = w4a16.w4a16_linear_reference(x.float(), qw, s.float(),
+                                                   None if z is None else z.float(),
+                                                   None if b is None else b.float(), group)
+                cfg = dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=4,
+                           num_warps=4, num_stages=3)
+                try:
+                    err = rel_err(w4a16.w4a16_linear_triton(x, qw, s, z, b, group, cfg), ref)
+                except Exception as e:
+                    err = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(dict(kernel=kernel, dtype=str(dtype), zeros=zeros, bias=bias, group=group,
+                                 M=m, rel_err=err))
+                print(f"check {kernel} {dtype} zeros={zeros} bias={bias} G={group} M={m}: {err}", flush=True)
+    return rows
+
+
+def tinygemm_weights(qweight, scales):
+    """Our symmetric g128 weights in tinygemm's layout, or None where this torch lacks the op.
+
+    tinygemm dequantizes (q - 8) * scale + zero, so zero = 0 matches the symmetric zero point 8.
+    torch >= 2.5 packs uint8 [N, K / 2] (even k in the high nibble); older torch int32 [N, K].
+    """
+    q = w4a16.unpack(qweight).t().contiguous()  # [N, K] in 0..15
+    sz = torch.stack([scales.to(torch.bfloat16), torch.zeros_like(scales, dtype=torch.bfloat16)], -1)
+    for packed in (((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), q):
+        try:
+            return torch._convert_weight_to_int4pack(packed, 8), sz.contiguous()
+        except (RuntimeError, AttributeError):
+            continue
+    return None
+
+
+def bench_model(shapes, methods, configs):
+    """{method: {M: summed median us of the layer's linears, weight GB/s, TFLOP/s}}; the W4A16
+    configs used go into ``configs``."""
+    us = {meth: {m: 0.0 for m in MS} for meth in methods}
+    nbytes = dict.fromkeys(methods, 0)
+    for n, k in shapes:
+        qw, s, _ = random_w4(n, k)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        tg = tinygemm_weights(qw, s)
+        nbytes["w4a16_g128"] += qw.numel() * 4 + s.numel() * 2
+        nbytes["cublas_fp16"] += w.numel() * 2
+        if tg is not None:
+            nbytes["tinygemm_g128"] += tg[0].numel() * tg[0].element_size() + tg[1].numel() * 2
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xb = x.to(torch.bfloat16)
+            fns = {"w4a16_g128": lambda: w4a16.w4a16_linear_triton(x, qw, s, None, None, GROUP),
+                   "cublas_fp16": lambda: torch.nn.functional.linear(x, w),
+                   "tinygemm_g128": tg and (lambda: torch._weight_int4pack_mm(xb, tg[0], GROUP, tg[1]))}
+            for meth in methods:
+                if fns[meth] is None or us[meth][m] is None:
+                    us[meth][m] = None
+                else:
+                    us[meth][m] += bench_us(fns[meth])
+        configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, qw.device) for m in MS}
+        print(f"  N={n} K={k} M=1: " + ", ".join(f"{meth} {us[meth][1]}" for meth in methods), flush=True)
+    flops = {m: 2 * m * sum(n * k for n, k in shapes) for m in MS}
+    return {meth: {str(m): None if t is None else
+                   dict(us=t, weight_gbs=nbytes[meth] / t / 1e3, tflops=flops[m] / t / 1e6)
+                   for m, t in per_m.items()} for meth, per_m in us.items()}
+
+
+def check_tinygemm():
+    n, k = 4096, 4096
+    qw, s, _ = random_w4(n, k)
+    tg = tinygemm_weights(qw, s)
+    if tg is None:
+        return "unavailable"
+    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    ref = w4a16.w4a16_linear_reference(x.float(), qw, s.float(), None, None, GROUP)
+    return rel_err(torch._weight_int4pack_mm(x, tg[0], GROUP, tg[1]), ref)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
+    for ax, (model, per_method) in zip(axes, results.items()):
+        for method, per_m in per_method.items():
+            ms = [m for m in MS if per_m[str(m)] is not None]
+            ax.plot(ms, [per_m[str(m)]["us"] for m in ms], marker="o", label=method)
+        floor = w4_bytes(LAYERS[model]) / HBM_TBS / 1e6
+        ax.axhline(floor, color="gray", ls="--", label=f"W4 g128 floor {floor:.0f} us")
+        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="layer linears, us",
+               title=f"{model}, one decoder layer")
+        ax.set_xticks(MS, [str(m) for m in MS])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def w4_bytes(shapes):
+    return sum(n * k // 2 + n * k // GROUP * 2 for n, k in shapes)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tune", action="store_true", help="tune the config table for these shapes first")
+    args = ap.parse_args()
+    out = pathlib.Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name()
+    if args.tune:
+        shapes = [s for layer in LAYERS.values() for s in layer]
+        print("tuned table:", w4a16.tune(shapes, path=out / f"w4a16_{w4a16._slug(name)}.json"), flush=True)
+    report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  group_size=GROUP, timing="median of CUDA-graph replays (triton.testing.do_bench), L2 cleared before each",
+                  correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
+                  w4a16_configs={})
+    methods = ("w4a16_g128", "cublas_fp16", "tinygemm_g128")
+    for model, shapes in LAYERS.items():
+        print(model, flush=True)
+        report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"])
+        (out / "bench_gemm.json").write_text(json.dumps(report, indent=1))
+    plot(report["results"], out / "bench_gemm.png")
+    print(f"\n{name}, us per layer (sum of 4 linears), W4 g128 floor: "
+          + ", ".join(f"{mo} {w4_bytes(sh) / HBM_TBS / 1e6:.0f} us" for mo, sh in LAYERS.items()))
+    for model, per_method in report["results"].items():
+        print(f"{model:>11} | " + " ".join(f"{'M=' + str(m):>7}" for m in MS))
+        for meth, per_m in per_method.items():
+            cells = [per_m[str(m)] and per_m[str(m)]["us"] for m in MS]
+            print(f"{meth:>11} | " + " ".join(f"{c:7.1f}" if c else f"{'n/a':>7}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Compile the W4A16 kernels for a GPU that is not here and count their SASS instructions.
+
+    python benchmarks/sass_stats.py [--arch 90] [--m 1 16 64]      (CPU only; no GPU needed)
+
+Every config ``w4a16.candidate_configs`` yields for these M (and the default config) is compiled
+with the installed Triton for sm_<arch>; the script fails on any compile error and prints, per
+config, registers, spills and the instructions that decide a memory-bound kernel's speed: integer
+ops (64 per SM per clock on Hopper, half the fp32 rate), shared-memory traffic and barriers.
+"""
+import argparse
+import collections
+import os
+import pathlib
+import re
+import subprocess
+import tempfile
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from hsd.kernels import w4a16  # noqa: E402
+
+BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+SHOWN = ("LOP3", "SHF", "PRMT", "HADD2", "FFMA", "HMMA", "HGMMA", "LDG", "LDGSTS", "STS", "LDS", "BAR")
+
+
+def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096):
+    kernel = w4a16._KERNELS[cfg["KERNEL"]]
+    ptrs = dict(x_ptr=dtype, qw_ptr="i32", s_ptr=dtype, z_ptr=dtype, b_ptr=dtype, y_ptr=dtype)
+    sig = {name: f"*{t}" for name, t in ptrs.items()}
+    sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
+    consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
+                  SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k,
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+    if cfg["KERNEL"] == "mma":
+        consts.update(PRECISION="tf32", WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", cfg["BLOCK_M"] >= 64),
+                      BLOCK_M=cfg["BLOCK_M"])
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split") and i < 12]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
+def sass_stats(compiled):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([BIN / "cuobjdump", "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        res = subprocess.run([BIN / "cuobjdump", "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M))
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
+    return int(regs), int(stack), ops
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 128])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    args = ap.parse_args()
+    seen = set()
+    print(f"{'config':<44} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>6}" for o in SHOWN))
+    for m in args.m:
+        for cfg in [w4a16.default_config(m, args.n, args.k), *w4a16.candidate_configs(m, args.n, args.k)]:
+            key = tuple(sorted((k, v) for k, v in cfg.items() if k != "SPLIT_K")) + (cfg["SPLIT_K"] > 1,)
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled = compile_config(cfg, args.arch, k=args.k)
+            regs, stack, ops = sass_stats(compiled)
+            name = (f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
+                    f"w{cfg['num_warps']} s{cfg['num_stages']} split{'>1' if cfg['SPLIT_K'] > 1 else '=1'}"
+                    + (" A=W" if cfg.get("WEIGHTS_AS_A") else ""))
+            print(f"{name:<44} {regs:>4} {stack:>5} {compiled.metadata.shared:>6} "
+                  + " ".join(f"{ops[o]:>6}" for o in SHOWN), flush=True)
+
+
+if __name__ == "__main__":
+    main()
