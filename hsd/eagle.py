@@ -102,8 +102,12 @@ class EagleHead(nn.Module):
             mine, theirs = getattr(self.config, key), getattr(target.config, key)
             if mine != theirs:
                 raise ValueError(f"EAGLE head {key} {mine} != target {key} {theirs}: the head was trained for another model")
+        shared = (target.get_input_embeddings(), target.get_output_embeddings())
+        if any(module.weight.is_meta for module in shared):
+            raise ValueError("the target's embedding or lm_head is on the meta device (compiled from a skeleton "
+                             "with weights=): an EAGLE head needs them materialised")
         # a tuple keeps the target's modules out of the head's module tree and state
-        self._shared = (target.get_input_embeddings(), target.get_output_embeddings())
+        self._shared = shared
         param = next(target.parameters())
         return self.to(device=param.device, dtype=param.dtype)
 

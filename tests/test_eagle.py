@@ -111,10 +111,11 @@ def test_draft_tree_nodes_are_top_k_of_sequential_drafting():
 
 # ---- greedy: lossless -------------------------------------------------------------------------
 
-@settings(max_examples=4, deadline=None)
-@given(testing.model_configs(), testing.seeds(), st.integers(1, 20), st.booleans(), st.data())
-def test_eagle2_greedy_equals_autoregressive(config, seed, max_new_tokens, use_eos, data):
-    engine, pipe = build(config, seed)
+@settings(max_examples=5, deadline=None)
+@given(testing.model_configs(), testing.seeds(), st.integers(1, 20), st.booleans(),
+       st.sampled_from([SMALL_TREE, Eagle2Config()]), st.data())
+def test_eagle2_greedy_equals_autoregressive(config, seed, max_new_tokens, use_eos, tree, data):
+    engine, pipe = build(config, seed, tree, max_seq_len=96)
     prompt = testing.random_ids(config, seed, length=data.draw(st.integers(1, 9)))
     eos = None
     if use_eos:
@@ -287,4 +288,12 @@ def test_bad_checkpoints_are_refused_clearly(head_dir, tmp_path, change, error, 
         (path / "model.safetensors").unlink()
     with pytest.raises(error, match=match):
         load_eagle_head(path, model)
+
+
+def test_a_target_without_materialised_embedding_is_refused(head_dir):
+    path, model = head_dir
+    with torch.device("meta"):
+        skeleton = testing.tiny_model(model.config)
+    with pytest.raises(ValueError, match="on the meta device"):
+        load_eagle_head(path, skeleton)
 
