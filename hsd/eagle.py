@@ -127,7 +127,7 @@ class EagleHead(nn.Module):
         tree_mask.shape[0] - T draft entries of this step; tree_mask (bool, those entries then
         the new ones) says which of them each entry sees. Writes the new entries' K/V after
         them, leaves cache.length alone and returns their hidden states [B, T, H]."""
-        x = self.fc(torch.cat([self.embed(tokens).to(features.dtype), features], -1))
+        x = self.fc(torch.cat([self.embed(tokens), features], -1))
         cos, sin = self.rotary(x, positions)
         return self.layers[0](x, cos, sin, self.cache, tree_mask)
 
