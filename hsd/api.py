@@ -27,8 +27,10 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     layout (GPTQ's), so 16-bit Linear weights never exist. Needs ``device``, ``dtype``, ``quant``.
 
     ``spec``: None (autoregressive) or a speculative pipeline name ("draft": ``draft`` is a
-    smaller LM, compiled with ``draft_quant``); ``spec_config`` its settings dataclass
-    (``hsd.spec.DraftConfig``). Returns an ``Engine`` or, with ``spec``, an ``hsd.spec.Speculative``.
+    smaller LM, compiled with ``draft_quant``; "eagle2": ``draft`` is an EAGLE-1 head checkpoint
+    directory or an ``hsd.eagle.EagleHead``); ``spec_config`` its settings dataclass
+    (``hsd.spec.DraftConfig``, ``hsd.eagle2.Eagle2Config``). Returns an ``Engine`` or, with
+    ``spec``, an ``hsd.spec.Speculative``.
     """
     if quant is not None and quant not in QUANT_SCHEMES:
         raise ValueError(f"unknown quant {quant!r}; known: {', '.join(QUANT_SCHEMES)} (or None)")

@@ -159,14 +159,16 @@ class Engine:
         return input_ids, torch.tensor(eos, device=self.device, dtype=torch.long), pad
 
     def prefill(self, input_ids: torch.Tensor) -> tuple:
-        """Reset the cache and run the prompt: returns (logits, hidden) of its last position."""
+        """Reset the cache and run the prompt: returns (logits of its last position [B, V], hidden
+        states of every position [B, P, H]: the features an EAGLE head drafts from)."""
         self.cache.reset()
         logits, hidden = self._prefill(input_ids)
-        return logits[:, -1], hidden[:, -1]
+        return logits[:, -1], hidden
 
     def _prefill(self, input_ids, all_positions=False):
         """Run the prompt in causal chunks of ``prefill_chunk`` tokens (the last one padded) and
-        advance the cache; returns (logits, hidden) of every prompt position, or of the last chunk."""
+        advance the cache; returns (logits of every prompt position or of the last chunk, hidden
+        states of every position)."""
         chunk = self.prefill_chunk
         mask = self.causal_mask(chunk)
         logits, hidden = [], []
@@ -177,9 +179,9 @@ class Engine:
                 ids = torch.nn.functional.pad(ids, (0, chunk - n))
             step_logits, step_hidden = self.step(ids, self._positions(chunk), mask)
             self.cache.length += n
+            hidden.append(step_hidden[:, :n].clone())
             if all_positions or start + chunk >= input_ids.shape[1]:
                 logits.append(step_logits[:, :n].clone())
-                hidden.append(step_hidden[:, :n].clone())
         return torch.cat(logits, 1), torch.cat(hidden, 1)
 
     def _check(self, input_ids, new_tokens, room=0):

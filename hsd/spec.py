@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 
+from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
 from hsd.passes import QuantizeActivations
 from hsd.sampling import accept_chain, probs, select
@@ -154,7 +155,7 @@ def _qspec_pipeline(target, draft, config, compile_model):
     return DraftPipeline(target, target.with_passes(QuantizeActivations(config.act_bits)), DraftConfig(config.k))
 
 
-PIPELINES = {"draft": _draft_pipeline, "qspec": _qspec_pipeline}
+PIPELINES = {"draft": _draft_pipeline, "qspec": _qspec_pipeline, "eagle2": eagle2_pipeline}
 
 
 def build(spec: str, target: Engine, draft, config, compile_model) -> Speculative:
