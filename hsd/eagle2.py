@@ -19,7 +19,7 @@ import torch
 from hsd.eagle import EagleHead, load_eagle_head
 from hsd.engine import Engine
 from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
-from hsd.sampling import select
+from hsd.sampling import select, truncate
 from hsd.stats import Stats, now
 
 
@@ -150,7 +150,7 @@ class Eagle2Pipeline:
             tick = now(target.device)
             tokens, parents = draft_tree(head, root, root_hidden, self.config)
             stats.draft_s += (tock := now(target.device)) - tick
-            logits, hidden = target.verify(tokens[None], parents)
+            logits, hidden = target.verify(tokens[None], parents, check=False)
             path, new = greedy_accept(parents, tokens, select(logits[0], temperature))
             target.accept(torch.tensor([path], device=target.device))
             stats.verify_s += (tick := now(target.device)) - tock
@@ -161,17 +161,10 @@ class Eagle2Pipeline:
             done = not eos.isdisjoint(new)
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
-        out = _truncate(out, max_new_tokens, eos)
+        out = truncate(out, max_new_tokens, eos)
         stats.new_tokens = len(out)
         self.stats = stats
         return torch.cat([input_ids, torch.tensor([out], device=target.device)], 1)
-
-
-def _truncate(tokens, max_new_tokens, eos):
-    """Cut at max_new_tokens and just after the first EOS (a step may accept past either)."""
-    tokens = tokens[:max_new_tokens]
-    stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
-    return tokens[:stop + 1]
 
 
 def eagle2_pipeline(target: Engine, draft, config, compile_model=None) -> Eagle2Pipeline:

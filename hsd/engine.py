@@ -82,25 +82,27 @@ class Engine:
         return self.cache.length.long()[:, None] + torch.arange(tokens, device=self.device)
 
     # ---- trees: verification and acceptance ----------------------------------------------------
-    def verify(self, tokens: torch.Tensor, parents) -> tuple:
+    def verify(self, tokens: torch.Tensor, parents, check: bool = True) -> tuple:
         """Run a tree of n new tokens [B, n] after the cached prefix in one step. ``parents``
         [n]: parents[0] = -1 (node 0, the root, is the newest token, not yet cached) and
         0 <= parents[i] < i; a chain is [-1, 0, 1, ...]. Node i sits at position
         prefix + depth(i) and sees the prefix and its ancestors. Returns (logits [B, n, V],
-        hidden [B, n, H]); the cache length is unchanged until ``accept``."""
-        parents = torch.as_tensor(parents, dtype=torch.long)
+        hidden [B, n, H]); the cache length is unchanged until ``accept``. ``check=False``
+        skips the checks that read the device (pipelines that reserved room with ``prepare``
+        and build valid trees on the device use it to keep one host sync per step)."""
+        parents = torch.as_tensor(parents, dtype=torch.long, device=self.device)
         n = parents.shape[0]
         if tokens.dim() != 2 or tokens.shape != (self.batch_size, n):
             raise ValueError(f"tokens must be [{self.batch_size}, {n}] for {n} tree nodes, got {tuple(tokens.shape)}")
         if n > MAX_NEW_TOKENS:
             raise ValueError(f"a tree of {n} nodes exceeds the attention op's limit of {MAX_NEW_TOKENS}")
-        free = self.cache.max_seq_len - int(self.cache.length.max())
-        if n > free:
-            raise ValueError(f"a tree of {n} nodes does not fit: the cache holds {self.cache.max_seq_len - free} "
-                             f"of max_seq_len={self.cache.max_seq_len} tokens")
-        mask = ancestor_mask(parents).to(self.device)  # raises on a parent not before its child
-        depth = mask.sum(-1) - 1
-        positions = self.cache.length.long()[:, None] + depth
+        if check:
+            free = self.cache.max_seq_len - int(self.cache.length.max())
+            if n > free:
+                raise ValueError(f"a tree of {n} nodes does not fit: the cache holds {self.cache.max_seq_len - free} "
+                                 f"of max_seq_len={self.cache.max_seq_len} tokens")
+        mask = ancestor_mask(parents, check=check)  # raises on a parent not before its child
+        positions = self.cache.length.long()[:, None] + mask.sum(-1) - 1      # prefix + depth
         return self.step(tokens.to(self.device), positions, mask)
 
     def accept(self, path: torch.Tensor):

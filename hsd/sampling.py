@@ -44,3 +44,10 @@ def accept_chain(target_logits, draft_tokens, draft_probs, temperature: float):
         return n, torch.multinomial(p[k], 1)[0]
     residual = (p[n] - draft_probs[n].double()).clamp(min=0)
     return n, torch.multinomial(residual / residual.sum(), 1)[0]
+
+
+def truncate(tokens: list, max_new_tokens: int, eos) -> list:
+    """A speculative step may overshoot: cut at max_new_tokens and just after the first EOS."""
+    tokens = tokens[:max_new_tokens]
+    stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
+    return tokens[:stop + 1]

@@ -12,7 +12,7 @@ import torch
 from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
 from hsd.passes import QuantizeActivations
-from hsd.sampling import accept_chain, probs, select
+from hsd.sampling import accept_chain, probs, select, truncate
 from hsd.stats import Stats, now
 
 
@@ -58,6 +58,8 @@ class DraftPipeline:
         if target.batch_size != 1 or draft.batch_size != 1:
             raise ValueError("draft-model speculation runs at batch size 1")
         self.target, self.draft, self.config = target, draft, config
+        # parent arrays of the chains the steps verify, built once on the device
+        self.chains = {t: torch.arange(-1, t - 1, device=target.device) for t in (1, 2, config.k + 1)}
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=32, temperature=0.0, eos_token_id=None, pad_token_id=None):
@@ -81,7 +83,7 @@ class DraftPipeline:
             if self.shared:  # verification rewrites the k slots the draft just filled
                 target.cache.length -= k
             stats.draft_s += (tock := now(target.device)) - tick
-            logits, _ = target.verify(torch.cat([pending[-1], tokens])[None], list(range(-1, k)))
+            logits, _ = target.verify(torch.cat([pending[-1], tokens])[None], self.chains[k + 1], check=False)
             n, nxt = accept_chain(logits[0], tokens, q, temperature)
             n = int(n)  # the step's one host sync
             target.accept(torch.arange(n + 1, device=target.device)[None])
@@ -97,10 +99,10 @@ class DraftPipeline:
             stats.verify_s += now(target.device) - tock
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
-        new = _truncate(torch.cat(out), max_new_tokens, eos)
-        stats.new_tokens = new.shape[0]
+        new = truncate(torch.cat(out).tolist(), max_new_tokens, set(eos.tolist()))
+        stats.new_tokens = len(new)
         self.stats = stats
-        return torch.cat([input_ids, new[None]], 1)
+        return torch.cat([input_ids, torch.tensor([new], device=input_ids.device)], 1)
 
     def _draft(self, pending, k, temperature):
         """Feed the pending tokens, then draft k tokens; returns (tokens [k], their dists [k, V])."""
@@ -108,7 +110,7 @@ class DraftPipeline:
         ids = torch.cat(pending)[None]
         tokens, dists = [], []
         for _ in range(k):
-            logits, _ = draft.verify(ids, list(range(-1, ids.shape[1] - 1)))
+            logits, _ = draft.verify(ids, self.chains[ids.shape[1]], check=False)
             draft.cache.length += ids.shape[1]
             last = logits[0, -1]
             token = select(last, temperature)                              # 0-d
@@ -116,13 +118,6 @@ class DraftPipeline:
             dists.append(probs(last, temperature) if temperature > 0 else last)
             ids = token[None, None]
         return torch.stack(tokens), torch.stack(dists)
-
-
-def _truncate(tokens, max_new_tokens, eos):
-    """Cut at max_new_tokens and just after the first EOS."""
-    tokens = tokens[:max_new_tokens]
-    hits = torch.isin(tokens, eos).nonzero()
-    return tokens[: int(hits[0]) + 1] if hits.numel() else tokens
 
 
 class Speculative:
