@@ -13,7 +13,7 @@ from hsd.passes import (QUANT_SCHEMES, FuseSiblingLinears, LoadWeights, PassMana
 def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, max_seq_len: int = 2048,
             batch_size: int = 1, prefill_chunk: int = 128, group_size: int = 128, fuse: bool = True,
             backend=None, dump_graphs=None, spec=None, draft=None, spec_config=None, draft_quant=None,
-            weights=None):
+            weights=None, intermediate=None, intermediate_quant=None):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
@@ -28,9 +28,11 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
 
     ``spec``: None (autoregressive) or a speculative pipeline name ("draft": ``draft`` is a
     smaller LM, compiled with ``draft_quant``; "eagle2": ``draft`` is an EAGLE-1 head checkpoint
-    directory or an ``hsd.eagle.EagleHead``); ``spec_config`` its settings dataclass
-    (``hsd.spec.DraftConfig``, ``hsd.eagle2.Eagle2Config``). Returns an ``Engine`` or, with
-    ``spec``, an ``hsd.spec.Speculative``.
+    directory or an ``hsd.eagle.EagleHead``; "qspec": the target drafts itself; "hierarchical":
+    ``intermediate`` is a smaller LM compiled with ``intermediate_quant`` and ``draft`` an EAGLE
+    head for it); ``spec_config`` its settings dataclass (``hsd.spec.DraftConfig``,
+    ``hsd.spec.QSpecConfig``, ``hsd.eagle2.Eagle2Config``, ``hsd.hierarchical.HierarchicalConfig``).
+    Returns an ``Engine`` or, with ``spec``, an ``hsd.spec.Speculative``.
     """
     if quant is not None and quant not in QUANT_SCHEMES:
         raise ValueError(f"unknown quant {quant!r}; known: {', '.join(QUANT_SCHEMES)} (or None)")
@@ -60,11 +62,12 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     if spec is None:
         return engine
 
-    def compile_model(m, quant=draft_quant):
+    def compile_model(m, role):
+        quant = {"draft": draft_quant, "intermediate": intermediate_quant}[role]
         return compile(m, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
                        batch_size=batch_size, prefill_chunk=prefill_chunk, group_size=group_size,
                        fuse=fuse, backend=backend)
-    return hsd_spec.build(spec, engine, draft, spec_config, compile_model)
+    return hsd_spec.build(spec, engine, draft, spec_config, compile_model, intermediate)
 
 
 def _meta_weights(model, weights, quant, dtype, device):

@@ -167,7 +167,7 @@ class Eagle2Pipeline:
         return torch.cat([input_ids, torch.tensor([out], device=target.device)], 1)
 
 
-def eagle2_pipeline(target: Engine, draft, config, compile_model=None) -> Eagle2Pipeline:
+def eagle2_pipeline(target: Engine, draft, config, compile_model=None, intermediate=None) -> Eagle2Pipeline:
     """spec="eagle2": ``draft`` is an EagleHead or an EAGLE-1 checkpoint directory."""
     if draft is None:
         raise ValueError('spec="eagle2" needs draft= (an EAGLE-1 head checkpoint directory or an hsd.eagle.EagleHead)')

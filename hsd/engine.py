@@ -44,6 +44,14 @@ class Engine:
         passes = PassManager([*self.passes.passes, *extra], dump_dir=self.passes.dump_dir)
         return Engine(self.model, passes, self.cache, self.backend, self.prefill_chunk)
 
+    def check_drafter(self, other: "Engine", role: str):
+        """A model that drafts for this one must share its tokenizer and run at batch 1."""
+        if other.config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"{role} vocab {other.config.vocab_size} != target vocab {self.config.vocab_size}: "
+                             f"the {role} must share the target's tokenizer")
+        if self.batch_size != 1 or other.batch_size != 1:
+            raise ValueError("speculative decoding with a separate drafter runs at batch size 1")
+
     # ---- steps -------------------------------------------------------------------------------
     def step(self, input_ids, position_ids, tree_mask):
         """Run T = input_ids.shape[1] tokens per row at positions ``position_ids`` after

@@ -11,6 +11,7 @@ import torch
 
 from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
+from hsd.hierarchical import hierarchical_pipeline
 from hsd.passes import QuantizeActivations
 from hsd.sampling import accept_chain, probs, select, truncate
 from hsd.stats import Stats, now
@@ -52,11 +53,7 @@ class DraftPipeline:
     def __init__(self, target: Engine, draft: Engine, config: DraftConfig):
         config.validate()
         self.shared = draft.cache is target.cache
-        if draft.config.vocab_size != target.config.vocab_size:
-            raise ValueError(f"draft vocab {draft.config.vocab_size} != target vocab {target.config.vocab_size}: "
-                             "the draft must share the target's tokenizer")
-        if target.batch_size != 1 or draft.batch_size != 1:
-            raise ValueError("draft-model speculation runs at batch size 1")
+        target.check_drafter(draft, "draft")
         self.target, self.draft, self.config = target, draft, config
         # parent arrays of the chains the steps verify, built once on the device
         self.chains = {t: torch.arange(-1, t - 1, device=target.device) for t in (1, 2, config.k + 1)}
@@ -136,13 +133,14 @@ class Speculative:
         return out
 
 
-def _draft_pipeline(target, draft, config, compile_model):
+def _draft_pipeline(target, draft, config, compile_model, intermediate=None):
     if draft is None:
         raise ValueError('spec="draft" needs draft= (a smaller causal LM of the same tokenizer, or its path)')
-    return DraftPipeline(target, draft if isinstance(draft, Engine) else compile_model(draft), config or DraftConfig())
+    return DraftPipeline(target, draft if isinstance(draft, Engine) else compile_model(draft, "draft"),
+                         config or DraftConfig())
 
 
-def _qspec_pipeline(target, draft, config, compile_model):
+def _qspec_pipeline(target, draft, config, compile_model, intermediate=None):
     if draft is not None:
         raise ValueError('spec="qspec" drafts with the target itself: do not pass draft=')
     config = config or QSpecConfig()
@@ -150,11 +148,15 @@ def _qspec_pipeline(target, draft, config, compile_model):
     return DraftPipeline(target, target.with_passes(QuantizeActivations(config.act_bits)), DraftConfig(config.k))
 
 
-PIPELINES = {"draft": _draft_pipeline, "qspec": _qspec_pipeline, "eagle2": eagle2_pipeline}
+PIPELINES = {"draft": _draft_pipeline, "qspec": _qspec_pipeline, "eagle2": eagle2_pipeline,
+             "hierarchical": hierarchical_pipeline}
 
 
-def build(spec: str, target: Engine, draft, config, compile_model) -> Speculative:
-    """``compile_model(model_or_path)`` compiles a draft model with the target's settings."""
+def build(spec: str, target: Engine, draft, config, compile_model, intermediate=None) -> Speculative:
+    """``compile_model(model_or_path, role)`` compiles a "draft" or "intermediate" model with the
+    target's settings and that role's quantization."""
     if spec not in PIPELINES:
         raise ValueError(f"unknown spec {spec!r}; known: {', '.join(PIPELINES)} (or None for autoregressive)")
-    return Speculative(target, PIPELINES[spec](target, draft, config, compile_model))
+    if intermediate is not None and spec != "hierarchical":
+        raise ValueError(f'intermediate= is for spec="hierarchical", not {spec!r}')
+    return Speculative(target, PIPELINES[spec](target, draft, config, compile_model, intermediate=intermediate))

@@ -63,8 +63,10 @@ def chi_square_p_value(observed, expected_probs):
     n = observed.sum()
     expected = expected_probs * n
     small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    obs, exp = observed[~small], expected[~small]
+    if small.any():
+        obs = torch.cat([obs, observed[small].sum()[None]])
+        exp = torch.cat([exp, expected[small].sum()[None]])
     stat = ((obs - exp) ** 2 / exp).sum()
     return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2), stat / 2))
 
