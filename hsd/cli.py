@@ -43,7 +43,8 @@ def generate(args):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = hsd.compile(args.model, quant=args.quant, dtype=dtype, device=args.device,
-                         max_seq_len=args.max_seq_len, spec=args.spec, draft=args.draft)
+                         max_seq_len=args.max_seq_len, spec=args.spec, draft=args.draft,
+                         intermediate=args.intermediate, intermediate_quant=args.intermediate_quant)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     out = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           eos_token_id=tokenizer.eos_token_id)
@@ -78,8 +79,11 @@ def main(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--spec", default=None, help="speculative pipeline: draft, qspec (default: autoregressive)")
-    g.add_argument("--draft", default=None, help="draft model path for --spec draft")
+    g.add_argument("--spec", default=None,
+                   help="speculative pipeline: draft, eagle2, qspec, hierarchical (default: autoregressive)")
+    g.add_argument("--draft", default=None, help="draft model (draft) or EAGLE head directory (eagle2, hierarchical)")
+    g.add_argument("--intermediate", default=None, help="intermediate model path (hierarchical)")
+    g.add_argument("--intermediate-quant", default=None)
     g.set_defaults(run=generate)
     args = parser.parse_args(argv)
     return args.run(args)

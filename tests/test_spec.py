@@ -137,3 +137,19 @@ def test_qspec_shares_weights_and_cache():
     assert hsd.passes.node_kinds(drafting)["quantize_per_token"] == hsd.passes.node_kinds(drafting)["hsd.w4a16_linear"]
     with pytest.raises(ValueError, match="needs a quantized engine"):
         hsd.compile(testing.tiny_model(config), spec="qspec")
+
+
+def test_no_recompilation_after_warm_up():
+    """Every step shape is captured once; later generations run the compiled steps only."""
+    from torch._dynamo.utils import counters
+    config = testing.tiny_config()
+    target = testing.tiny_model(config, dtype=torch.float64)
+    engine = hsd.compile(target, max_seq_len=48, prefill_chunk=4, spec="draft", draft=perturbed(target, 0.05, 0),
+                         spec_config=DraftConfig(k=3))
+    engine.generate(testing.random_ids(config, 0, length=6), max_new_tokens=12)
+    captured = counters["stats"]["unique_graphs"]
+    graphs = (set(engine.target.graphs), set(engine.pipeline.draft.graphs))
+    for seed in (1, 2):
+        engine.generate(testing.random_ids(config, seed, length=3 + seed), max_new_tokens=15)
+    assert counters["stats"]["unique_graphs"] == captured
+    assert (set(engine.target.graphs), set(engine.pipeline.draft.graphs)) == graphs == ({4}, {1, 2, 4})
