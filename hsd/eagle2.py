@@ -19,7 +19,7 @@ import torch
 from hsd.eagle import EagleHead, load_eagle_head
 from hsd.engine import Engine
 from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
-from hsd.sampling import select, truncate
+from hsd.sampling import finish, select
 from hsd.stats import Stats, now
 
 
@@ -161,10 +161,8 @@ class Eagle2Pipeline:
             done = not eos.isdisjoint(new)
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
-        out = truncate(out, max_new_tokens, eos)
-        stats.new_tokens = len(out)
         self.stats = stats
-        return torch.cat([input_ids, torch.tensor([out], device=target.device)], 1)
+        return finish(input_ids, out, max_new_tokens, eos, stats)
 
 
 def eagle2_pipeline(target: Engine, draft, config, compile_model=None, intermediate=None) -> Eagle2Pipeline:

@@ -16,7 +16,7 @@ from hsd.eagle import EagleHead, load_eagle_head
 from hsd.eagle2 import Eagle2Config, draft_tree, greedy_accept
 from hsd.engine import Engine
 from hsd.kernels.attention import MAX_NEW_TOKENS
-from hsd.sampling import accept_chain, select, truncate
+from hsd.sampling import accept_chain, finish, select
 from hsd.stats import Stats, now
 
 
@@ -89,10 +89,8 @@ class HierarchicalPipeline:
             done = not eos.isdisjoint(new)
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
-        out = truncate(out, max_new_tokens, eos)
-        stats.new_tokens = len(out)
         self.stats = stats
-        return torch.cat([input_ids, torch.tensor([out], device=target.device)], 1)
+        return finish(input_ids, out, max_new_tokens, eos, stats)
 
     def _sequence_draft(self, root, root_hidden):
         """EAGLE-2 steps on I until min_draft tokens: returns (tokens after root, I's hidden

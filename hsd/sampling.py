@@ -46,8 +46,10 @@ def accept_chain(target_logits, draft_tokens, draft_probs, temperature: float):
     return n, torch.multinomial(residual / residual.sum(), 1)[0]
 
 
-def truncate(tokens: list, max_new_tokens: int, eos) -> list:
-    """A speculative step may overshoot: cut at max_new_tokens and just after the first EOS."""
+def finish(input_ids, tokens: list, max_new_tokens: int, eos, stats) -> torch.Tensor:
+    """The [1, P + n] output of a speculative run. Its last step may overshoot: cut at
+    max_new_tokens and just after the first EOS, and count what is kept in ``stats``."""
     tokens = tokens[:max_new_tokens]
     stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
-    return tokens[:stop + 1]
+    stats.new_tokens = stop + 1
+    return torch.cat([input_ids, torch.tensor([tokens[:stop + 1]], device=input_ids.device)], 1)

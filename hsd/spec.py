@@ -13,7 +13,7 @@ from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
 from hsd.hierarchical import hierarchical_pipeline
 from hsd.passes import QuantizeActivations
-from hsd.sampling import accept_chain, probs, select, truncate
+from hsd.sampling import accept_chain, finish, probs, select
 from hsd.stats import Stats, now
 
 
@@ -96,10 +96,8 @@ class DraftPipeline:
             stats.verify_s += now(target.device) - tock
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
-        new = truncate(torch.cat(out).tolist(), max_new_tokens, set(eos.tolist()))
-        stats.new_tokens = len(new)
         self.stats = stats
-        return torch.cat([input_ids, torch.tensor([new], device=input_ids.device)], 1)
+        return finish(input_ids, torch.cat(out).tolist(), max_new_tokens, set(eos.tolist()), stats)
 
     def _draft(self, pending, k, temperature):
         """Feed the pending tokens, then draft k tokens; returns (tokens [k], their dists [k, V])."""
