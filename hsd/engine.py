@@ -76,7 +76,8 @@ class Engine:
         self.graphs[tokens] = gm
         inputs = dict(input_ids=torch.zeros(self.batch_size, tokens, dtype=torch.long, device=self.device),
                       position_ids=self._positions(tokens), cache_len=self.cache.length,
-                      tree_mask=self.causal_mask(tokens), k_cache=self.cache.k, v_cache=self.cache.v)
+                      # a copy: a CUDA-graphed step copies each call's mask into this buffer
+                      tree_mask=self.causal_mask(tokens).clone(), k_cache=self.cache.k, v_cache=self.cache.v)
         self._steps[tokens] = lower(gm, inputs, self.backend, self.cuda_graphs)
         self.compile_s[tokens] = time.perf_counter() - start
         return self._steps[tokens]

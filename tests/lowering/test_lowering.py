@@ -29,3 +29,20 @@ def test_cuda_engine_matches_eager_model():
     q = hsd.compile(model, quant="w4a16", max_seq_len=64, prefill_chunk=16)
     testing.assert_engine_matches_model(q, testing.fake_quantized(model), ids, min_sqnr_db=35)
     assert q.generate(ids, max_new_tokens=10).shape == (1, 19)
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_tree_step_keeps_the_causal_mask(tmp_path):
+    """A tree step as large as the prefill chunk shares its shape: replaying it with a tree mask
+    must not change the causal mask later prefills use (EAGLE-2 once diverged from AR so)."""
+    from hsd.eagle import save_random_eagle_head
+    from hsd.eagle2 import Eagle2Config
+    config = testing.tiny_config("llama", hidden_size=128, intermediate_size=256, head_dim=32)
+    target = testing.tiny_model(config).cuda()
+    save_random_eagle_head(tmp_path, config, 0)
+    ids = testing.random_ids(config, length=12).cuda()
+    expected = hsd.compile(target, max_seq_len=96, prefill_chunk=16).generate(ids, max_new_tokens=24)
+    engine = hsd.compile(target, max_seq_len=96, prefill_chunk=16, spec="eagle2", draft=str(tmp_path),
+                         spec_config=Eagle2Config(depth=3, top_k=4, total_tokens=16))
+    for _ in range(2):
+        assert engine.generate(ids, max_new_tokens=24).tolist() == expected.tolist()
