@@ -24,6 +24,3 @@ class KVCache:
 
     def reset(self):
         self.length.zero_()
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2

@@ -34,10 +34,6 @@ def lookup(op: str, device: str):
     return impls[name]
 
 
-def implementations(op: str) -> dict[str, list[str]]:
-    return {dev: sorted(impls) for (o, dev), impls in _impls.items() if o == op}
-
-
 @contextlib.contextmanager
 def use(op: str, name: str):
     """Run ``op`` with implementation ``name`` on every device inside the block."""

@@ -2,12 +2,8 @@
 import torch
 import torch.fx
 
+from hsd.capture import set_attr
 from hsd.passes.base import Pass
-
-
-def set_buffer(gm: torch.fx.GraphModule, name: str, value: torch.Tensor):
-    *parent, leaf = name.split(".")
-    gm.get_submodule(".".join(parent)).register_buffer(leaf, value, persistent=False)
 
 
 class LoadWeights(Pass):
@@ -32,7 +28,7 @@ class LoadWeights(Pass):
                 if value.shape != buffer.shape:
                     raise ValueError(f"{name}: checkpoint tensor {tuple(value.shape)} != model {tuple(buffer.shape)}")
                 dtype = self.dtype if value.is_floating_point() and buffer.is_floating_point() else value.dtype
-                set_buffer(gm, name, value.to(self.device, dtype))
+                set_attr(gm, name, value.to(self.device, dtype))
 
 
 def check_materialised(gm: torch.fx.GraphModule):
