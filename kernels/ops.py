@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from hsd.kernels import attention as _attention  # noqa: F401  (registers implementations)
+from hsd.kernels import act_quant as _act_quant  # noqa: F401  (registers implementations)
+from hsd.kernels import attention as _attention  # noqa: F401
 from hsd.kernels import registry
 from hsd.kernels import w4a16 as _w4a16  # noqa: F401
 
@@ -23,6 +24,17 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 @w4a16_linear.register_fake
 def _(x, qweight, scales, zeros, bias, group_size):
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
+@torch.library.custom_op("hsd::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return registry.lookup("quantize_per_token", x.device.type)(x, kind)
+
+
+@quantize_per_token.register_fake
+def _(x, kind):
+    dtype, _ = _act_quant.check_kind(kind)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("hsd::attention", mutates_args=("k_cache", "v_cache"))

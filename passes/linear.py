@@ -89,14 +89,89 @@ class FuseSiblingLinears(Pass):
             graph.erase_node(node)
 
 
-QUANT_SCHEMES = ("w4a16",)
+class Scheme:
+    """One quantization scheme: how a Linear's weight is stored and which hsd ops compute it.
+
+    A scheme is registered once by name (``register_scheme``); ``QuantizeLinear`` does the
+    graph surgery and asks the scheme three things:
+      ``tensors``   names of the attributes that replace ``<module>.weight``
+      ``quantize``  [N, K] float weight -> those tensors (None for an absent optional one)
+      ``emit``      insert the nodes computing ``x @ W.T + b`` from those attributes
+    ``load`` builds the tensors from a pre-quantized checkpoint (only some schemes can).
+    """
+    name: str
+    tensors: tuple
+
+    def check(self, module: str, n: int, k: int, group_size: int):
+        """Raise ValueError (naming ``module``) if this scheme cannot quantize an [n, k] weight."""
+
+    def quantize(self, w: torch.Tensor, group_size: int, symmetric: bool) -> tuple:
+        raise NotImplementedError
+
+    def emit(self, graph: torch.fx.Graph, x, attrs: dict, bias, tensors: dict):
+        """Insert the nodes; ``attrs`` and ``tensors``: attribute name -> get_attr node / tensor."""
+        raise NotImplementedError
+
+    def load(self, parts, prequantized: dict, w: torch.Tensor) -> tuple:
+        raise ValueError(f"{'+'.join(parts)}: scheme {self.name!r} cannot load pre-quantized weights")
+
+
+def _group(group_size, k):
+    return k if group_size in (None, -1) else group_size
+
+
+class W4A16(Scheme):
+    """4-bit weights in the GPTQ layout (``hsd.kernels.w4a16``), 16-bit activations."""
+    name = "w4a16"
+    tensors = ("qweight", "scales", "zeros")
+
+    def check(self, module, n, k, group_size):
+        if k % _group(group_size, k) or k % 8:
+            raise ValueError(f"{module}: in_features {k} is not divisible by the group size "
+                             f"{_group(group_size, k)} (and by 8); use group_size=-1 (per channel) "
+                             "or a group size that divides it")
+
+    def quantize(self, w, group_size, symmetric):
+        return w4a16.quantize_rtn(w, group_size, symmetric)
+
+    def emit(self, graph, x, attrs, bias, tensors):
+        group_size = tensors["qweight"].shape[0] * 8 // tensors["scales"].shape[0]
+        args = (x, attrs["qweight"], attrs["scales"], attrs["zeros"], bias, group_size)
+        return graph.call_function(torch.ops.hsd.w4a16_linear.default, args)
+
+    def load(self, parts, prequantized, w):
+        """Pre-quantized tensors of each (fused) part, concatenated along N like the weights."""
+        qweight, scales = (torch.cat([prequantized[f"{p}.{t}"] for p in parts], 1) for t in ("qweight", "scales"))
+        zeros = [prequantized.get(f"{p}.zeros") for p in parts]
+        if all(z is None for z in zeros):
+            zeros = None
+        else:  # a symmetric part next to an asymmetric one: spell out its zero point
+            zeros = torch.cat([z if z is not None else torch.full_like(prequantized[f"{p}.scales"], 8)
+                               for p, z in zip(parts, zeros)], 1)
+        if qweight.shape != (w.shape[1] // 8, w.shape[0]):
+            raise ValueError(f"{'+'.join(parts)}: qweight {tuple(qweight.shape)} does not fit the weight {tuple(w.shape)}")
+        return qweight, scales, zeros
+
+
+QUANT_SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme) -> Scheme:
+    """Make ``scheme`` available as ``QuantizeLinear(scheme.name)`` and ``hsd.compile(quant=...)``."""
+    QUANT_SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+register_scheme(W4A16())
 
 
 class QuantizeLinear(Pass):
     """Matches Linear nodes whose weight is a graph attribute (all but the lm_head unless
-    ``include_lm_head``). Emits ``hsd::w4a16_linear(x, qweight, scales, zeros, bias, group_size)``
-    with the weight quantized round-to-nearest to 4 bits in groups of ``group_size`` along K
-    (``-1``: one group per output channel), symmetric unless ``symmetric=False``.
+    ``include_lm_head``). Emits the ops of ``scheme`` (see ``QUANT_SCHEMES``; "w4a16":
+    ``hsd::w4a16_linear(x, qweight, scales, zeros, bias, group_size)``) over the weight quantized
+    round-to-nearest in groups of ``group_size`` along K (``-1``: one group per output channel),
+    symmetric unless ``symmetric=False``. The scheme checks every weight's shape before any is
+    quantized, so a bad width fails before any work is done.
     """
     name = "quantize_linear"
 
@@ -104,65 +179,47 @@ class QuantizeLinear(Pass):
                  include_lm_head: bool = False, prequantized=None):
         if scheme not in QUANT_SCHEMES:
             raise ValueError(f"unknown quant scheme {scheme!r}; known: {', '.join(QUANT_SCHEMES)}")
-        self.scheme, self.group_size, self.symmetric = scheme, group_size, symmetric
+        self.scheme, self.group_size, self.symmetric = QUANT_SCHEMES[scheme], group_size, symmetric
         self.include_lm_head = include_lm_head
-        self.prequantized = prequantized or {}  # "<module>.qweight" / ".scales" / ".zeros" -> tensor
+        self.prequantized = prequantized or {}  # "<module>.qweight" / ".scales" / ... -> tensor
         self._done = {}  # weight attribute -> quantized tensors, shared by every step graph
 
     def settings(self):
-        return {"scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric,
+        return {"scheme": self.scheme.name, "group_size": self.group_size, "symmetric": self.symmetric,
                 "include_lm_head": self.include_lm_head}
 
     def __call__(self, gm: torch.fx.GraphModule):
         graph = gm.graph
-        for node in list(graph.nodes):
-            if not is_linear(node) or not _weight(node):
-                continue
-            module = node.meta.get("hsd_module", node.name)
-            if module == "lm_head" and not self.include_lm_head:
-                continue
+        todo = [n for n in graph.nodes if is_linear(n) and _weight(n)
+                and (self.include_lm_head or n.meta.get("hsd_module") != "lm_head")]
+        for node in todo:
+            w = _fetch(gm, _weight(node)[0])
+            if not w.is_meta:  # pre-quantized tensors carry their own group size; load checks them
+                self.scheme.check(node.meta.get("hsd_module", node.name), *w.shape, self.group_size)
+        for node in todo:
             w_node, b_node = _weight(node)
-            qweight, scales, zeros = self._quantize(gm, w_node, node.meta.get("hsd_parts", [module]))
+            tensors = self._quantize(gm, w_node, node.meta.get("hsd_parts", [node.meta.get("hsd_module", node.name)]))
             owner = w_node.target.rsplit(".", 1)[0]
-            args = [_add_attr(gm, graph, node, f"{owner}.{name}", t) if t is not None else None
-                    for name, t in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros))]
+            tensors = dict(zip(self.scheme.tensors, tensors))
+            attrs = {name: None if t is None else _add_attr(gm, graph, node, f"{owner}.{name}", t)
+                     for name, t in tensors.items()}
             with graph.inserting_before(node):
-                q = graph.call_function(torch.ops.hsd.w4a16_linear.default,
-                                        (node.args[0], *args, b_node, qweight.shape[0] * 8 // scales.shape[0]))
+                q = self.scheme.emit(graph, node.args[0], attrs, b_node, tensors)
             q.meta.update(node.meta)
             node.replace_all_uses_with(q)
             graph.erase_node(node)
         _drop_unused_attrs(gm)
 
-    def _group(self, k):
-        return k if self.group_size in (None, -1) else self.group_size
-
     def _quantize(self, gm, w_node, parts):
         if w_node.target not in self._done:
             w = _fetch(gm, w_node)
-            self._done[w_node.target] = self._load(parts, w) if w.is_meta else self._rtn(w, "+".join(parts))
+            if w.is_meta:
+                missing = [f"{p}.{self.scheme.tensors[0]}" for p in parts
+                           if f"{p}.{self.scheme.tensors[0]}" not in self.prequantized]
+                if missing:
+                    raise ValueError(f"{missing[0]}: the weight is on the meta device and no quantized tensors were given")
+                tensors = self.scheme.load(parts, self.prequantized, w)
+            else:
+                tensors = self.scheme.quantize(w, self.group_size, self.symmetric)
+            self._done[w_node.target] = tuple(tensors)
         return self._done[w_node.target]
-
-    def _rtn(self, w, module):
-        n, k = w.shape
-        if k % self._group(k) or k % 8:
-            raise ValueError(f"{module}: in_features {k} is not divisible by the group size "
-                             f"{self._group(k)} (and by 8); use group_size=-1 (per channel) "
-                             "or a group size that divides it")
-        return w4a16.quantize_rtn(w, self.group_size, self.symmetric)
-
-    def _load(self, parts, w):
-        """Pre-quantized tensors of each (fused) part, concatenated along N like the weights."""
-        missing = [f"{p}.qweight" for p in parts if f"{p}.qweight" not in self.prequantized]
-        if missing:
-            raise ValueError(f"{missing[0]}: the weight is on the meta device and no quantized tensors were given")
-        qweight, scales = (torch.cat([self.prequantized[f"{p}.{t}"] for p in parts], 1) for t in ("qweight", "scales"))
-        zeros = [self.prequantized.get(f"{p}.zeros") for p in parts]
-        if all(z is None for z in zeros):
-            zeros = None
-        else:  # a symmetric part next to an asymmetric one: spell out its zero point
-            zeros = torch.cat([z if z is not None else torch.full_like(self.prequantized[f"{p}.scales"], 8)
-                               for p, z in zip(parts, zeros)], 1)
-        if qweight.shape != (w.shape[1] // 8, w.shape[0]):
-            raise ValueError(f"{'+'.join(parts)}: qweight {tuple(qweight.shape)} does not fit the weight {tuple(w.shape)}")
-        return qweight, scales, zeros
