@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 
 from hsd.kernels.attention import MAX_NEW_TOKENS
 from hsd.kv_cache import KVCache
+from hsd.lowering.cuda_graphs import GraphedStep
 
 # buffers some checkpoints saved; recomputed from the config here
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -94,6 +95,8 @@ class EagleHead(nn.Module):
             self.embed_tokens = nn.Embedding(config.vocab_size, h)
         self.cache = None
         self._shared = None
+        self._steps = {}  # (new entries, mask size) -> CUDA-graphed forward
+        self._masks = {}
 
     def attach(self, target):
         """Share the lm_head and embedding of ``target`` (a Hugging Face causal LM) and move to
@@ -117,6 +120,7 @@ class EagleHead(nn.Module):
         param = self.fc.weight
         self.cache = KVCache(1, batch, attn.kv_heads, attn.head_dim, max_seq_len, MAX_NEW_TOKENS,
                              param.dtype, param.device)
+        self._steps = {}  # the graphs captured the old cache
 
     def embed(self, tokens):
         return (self.embed_tokens if hasattr(self, "embed_tokens") else self._shared[0])(tokens)
@@ -131,19 +135,41 @@ class EagleHead(nn.Module):
         cos, sin = self.rotary(x, positions)
         return self.layers[0](x, cos, sin, self.cache, tree_mask)
 
+    def step(self, tokens, features, positions, tree_mask):
+        """``forward``; on CUDA replayed from a CUDA graph captured per (T, mask size) on first
+        use, so a draft round costs one launch, not one per op. The returned hidden states
+        live in that graph's buffer: the next call of the same shape overwrites them."""
+        if not self.fc.weight.is_cuda:
+            return self(tokens, features, positions, tree_mask)
+        key = (tokens.shape[1], tree_mask.shape[0])
+        if key not in self._steps:
+            inputs = dict(tokens=tokens.clone(), features=features.clone(), positions=positions.clone(),
+                          tree_mask=tree_mask.clone())
+            self._steps[key] = GraphedStep(self, inputs)
+        return self._steps[key](tokens=tokens, features=features, positions=positions, tree_mask=tree_mask)
+
     def logits(self, hidden):
         return self._shared[1](hidden)
 
     def extend(self, tokens, features):
         """Commit entries [B, T] (causally, in chunks the attention op takes) and advance the
-        cache; returns the hidden state of the last one [B, H]."""
+        cache; returns the hidden state of the last one [B, H]. A chunk of n entries runs
+        padded to the next power of two, so a handful of step shapes serve every length; the
+        padding's K/V land past the committed entries, where the next write replaces them."""
         for start in range(0, tokens.shape[1], MAX_NEW_TOKENS):
             n = min(MAX_NEW_TOKENS, tokens.shape[1] - start)
-            positions = self.cache.length.long()[:, None] + torch.arange(n, device=tokens.device)
-            mask = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
-            hidden = self(tokens[:, start:start + n], features[:, start:start + n], positions, mask)
+            t = 1 << (n - 1).bit_length()
+            ids = torch.nn.functional.pad(tokens[:, start:start + n], (0, t - n))
+            feats = torch.nn.functional.pad(features[:, start:start + n], (0, 0, 0, t - n))
+            positions = self.cache.length.long()[:, None] + torch.arange(t, device=tokens.device)
+            hidden = self.step(ids, feats, positions, self._causal(t))
             self.cache.length += n
-        return hidden[:, -1]
+        return hidden[:, n - 1].clone()
+
+    def _causal(self, t):
+        if t not in self._masks or self._masks[t].device != self.fc.weight.device:
+            self._masks[t] = torch.ones(t, t, dtype=torch.bool, device=self.fc.weight.device).tril()
+        return self._masks[t]
 
 
 def load_eagle_head(path, target) -> EagleHead:

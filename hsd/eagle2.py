@@ -62,7 +62,7 @@ def draft_tree(head: EagleHead, root, root_hidden, config: Eagle2Config):
     first = k                                                         # candidate id of the next level's first
     for depth in range(1, config.depth):
         positions = head.cache.length.long()[:, None] + depth - 1
-        hidden = head(tokens[None], feed[None], positions.expand(1, k), mask)[0]       # [k, H]
+        hidden = head.step(tokens[None], feed[None], positions.expand(1, k), mask)[0]  # [k, H]
         child_scores, child_tokens = _log_probs(head, hidden).topk(k)                # [k, k]
         child_scores = (child_scores + scores[:, None]).flatten()
         cand_scores.append(child_scores)
@@ -162,7 +162,7 @@ class Eagle2Pipeline:
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
         self.stats = stats
-        return finish(input_ids, out, max_new_tokens, eos, stats)
+        return finish(input_ids, [out], max_new_tokens, eos, stats)
 
 
 def eagle2_pipeline(target: Engine, draft, config, compile_model=None, intermediate=None) -> Eagle2Pipeline:

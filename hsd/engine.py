@@ -114,6 +114,14 @@ class Engine:
         positions = self.cache.length.long()[:, None] + mask.sum(-1) - 1      # prefix + depth
         return self.step(tokens.to(self.device), positions, mask)
 
+    def verify_chain(self, tokens: torch.Tensor) -> tuple:
+        """``verify`` of a chain [B, n] (each token the parent of the next): a causal step whose
+        mask is built once per length, with no check that reads the device."""
+        n = tokens.shape[1]
+        if n > MAX_NEW_TOKENS:
+            raise ValueError(f"a chain of {n} tokens exceeds the attention op's limit of {MAX_NEW_TOKENS}")
+        return self.step(tokens.to(self.device), self._positions(n), self.causal_mask(n))
+
     def accept(self, path: torch.Tensor):
         """Keep the tree nodes ``path`` [B, A] (root first, each the parent of the next): move
         their K/V to the slots right after the prefix in every layer, then advance the cache."""

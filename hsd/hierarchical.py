@@ -42,7 +42,6 @@ class HierarchicalPipeline:
         head.attach(intermediate.model)
         head.allocate_cache(intermediate.cache.max_seq_len)
         self.target, self.mid, self.head, self.config = target, intermediate, head, config
-        self.chain_parents = torch.arange(-1, config.chain - 1, device=target.device)
         self.stats = Stats()
 
     @torch.no_grad()
@@ -60,37 +59,40 @@ class HierarchicalPipeline:
         head.cache.reset()
         root_hidden = head.extend(torch.cat([input_ids[:, 1:], root.view(1, 1)], 1), features)[0]
         stats.prefill_s = now(target.device) - start
-        out, done = [int(root)], int(root) in eos
+        last = int(root)   # the newest token, known on the host
+        out, done = [last], last in eos
         begin = now(target.device)
         while len(out) < max_new_tokens and not done:
             tick = now(target.device)
-            mid_len, head_len = int(mid.cache.length), int(head.cache.length)   # host-side bookkeeping
+            mid_len, head_len = mid.cache.length.clone(), head.cache.length.clone()  # rollback points
             seq, feats = self._sequence_draft(root, root_hidden)
             stats.draft_s += (tock := now(target.device)) - tick
             drafts = seq[:cfg.chain - 1]
-            chain = torch.tensor([[int(root), *drafts, *[drafts[-1]] * (cfg.chain - 1 - len(drafts))]],
+            chain = torch.tensor([[last, *drafts, *[drafts[-1]] * (cfg.chain - 1 - len(drafts))]],
                                  device=target.device)
-            logits, _ = target.verify(chain, self.chain_parents, check=False)
-            draft_t = chain[0, 1:len(drafts) + 1]
-            one_hot = torch.nn.functional.one_hot(draft_t, target.config.vocab_size).double()
-            n, nxt = accept_chain(logits[0, :len(drafts) + 1], draft_t, one_hot, temperature)
-            n = int(n)
+            logits, _ = target.verify_chain(chain)
+            draft_t = chain[:, 1:len(drafts) + 1]
+            # the draft is deterministic: q is one-hot (only sampling reads it)
+            one_hot = torch.nn.functional.one_hot(draft_t, target.config.vocab_size).double() if temperature > 0 else None
+            n, nxt = accept_chain(logits[:, :len(drafts) + 1], draft_t, one_hot, temperature)
+            n, last = torch.cat([n, nxt]).tolist()   # the step's one host read
+            nxt = nxt[0]
             target.accept(torch.arange(n + 1, device=target.device)[None])
             stats.verify_s += (tick := now(target.device)) - tock
             if n == len(seq):  # every draft kept: I has not yet run the last one
-                _, hidden = mid.verify(torch.tensor([[seq[-1]]], device=mid.device), self.chain_parents[:1], check=False)
+                _, hidden = mid.verify_chain(torch.tensor([[seq[-1]]], device=mid.device))
                 feats = torch.cat([feats, hidden[0]])
-            mid.cache.length.fill_(mid_len + n + 1)     # the newest token and the kept drafts
-            head.cache.length.fill_(head_len + n)
+            mid.cache.length.copy_(mid_len + n + 1)     # the newest token and the kept drafts
+            head.cache.length.copy_(head_len + n)
             root, root_hidden = nxt, head.extend(nxt.view(1, 1), feats[n].view(1, 1, -1))[0]
             stats.draft_s += now(target.device) - tick
-            new = [*drafts[:n], int(nxt)]
+            new = [*drafts[:n], last]
             out += new
             done = not eos.isdisjoint(new)
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
         self.stats = stats
-        return finish(input_ids, out, max_new_tokens, eos, stats)
+        return finish(input_ids, [out], max_new_tokens, eos, stats)
 
     def _sequence_draft(self, root, root_hidden):
         """EAGLE-2 steps on I until min_draft tokens: returns (tokens after root, I's hidden

@@ -22,18 +22,23 @@ def select(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def accept_chain(target_logits, draft_tokens, draft_probs, temperature: float):
-    """Verify one drafted chain for one sequence.
+    """Verify drafted chains, one per row.
 
-    target_logits [k + 1, V]: the target's logits at the last accepted token and at each draft
-    token; draft_tokens [k]; draft_probs [k, V] the distributions they were drawn from (unused
-    when greedy). Returns (n accepted draft tokens, the next token after them), both tensors.
+    target_logits [B, k + 1, V]: the target's logits at the last accepted token and at each
+    draft token; draft_tokens [B, k]; draft_probs [B, k, V] the distributions they were drawn
+    from (None when greedy). Returns (n [B] accepted draft tokens, the next token [B] after them).
     """
-    k = draft_tokens.shape[0]
+    k = draft_tokens.shape[1]
     if temperature <= 0:
         target = target_logits.argmax(-1)
-        ok = (draft_tokens == target[:k]).long().cumprod(0)
-        n = ok.sum()
-        return n, target[n]
+        n = (draft_tokens == target[:, :k]).long().cumprod(1).sum(1)
+        return n, target.gather(1, n[:, None])[:, 0]
+    rows = [_sample_chain(*row, temperature) for row in zip(target_logits, draft_tokens, draft_probs)]
+    return torch.stack([n for n, _ in rows]), torch.stack([t for _, t in rows])
+
+
+def _sample_chain(target_logits, draft_tokens, draft_probs, temperature):
+    k = draft_tokens.shape[0]
     p = probs(target_logits, temperature)
     idx = torch.arange(k, device=draft_tokens.device)
     p_x = p[idx, draft_tokens]
@@ -46,10 +51,15 @@ def accept_chain(target_logits, draft_tokens, draft_probs, temperature: float):
     return n, torch.multinomial(residual / residual.sum(), 1)[0]
 
 
-def finish(input_ids, tokens: list, max_new_tokens: int, eos, stats) -> torch.Tensor:
-    """The [1, P + n] output of a speculative run. Its last step may overshoot: cut at
-    max_new_tokens and just after the first EOS, and count what is kept in ``stats``."""
-    tokens = tokens[:max_new_tokens]
-    stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
-    stats.new_tokens = stop + 1
-    return torch.cat([input_ids, torch.tensor([tokens[:stop + 1]], device=input_ids.device)], 1)
+def finish(input_ids, rows: list, max_new_tokens: int, eos, stats, pad: int = 0) -> torch.Tensor:
+    """The [B, P + n] output of a speculative run from each row's new tokens. A last step may
+    overshoot: each row is cut at max_new_tokens and just after its first EOS, shorter rows are
+    padded with ``pad``; ``stats.new_tokens`` counts the longest row."""
+    kept = []
+    for tokens in rows:
+        tokens = tokens[:max_new_tokens]
+        stop = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
+        kept.append(tokens[:stop + 1])
+    stats.new_tokens = max(len(t) for t in kept)
+    new = torch.tensor([t + [pad] * (stats.new_tokens - len(t)) for t in kept], device=input_ids.device)
+    return torch.cat([input_ids, new], 1)

@@ -47,72 +47,82 @@ class DraftPipeline:
     cache may also lack the last draft token when all k were accepted: ``pending`` holds the
     1 or 2 tokens it must consume before drafting again (two fixed step shapes).
     When the draft shares the target's cache (QSpec), the draft's K/V land in the slots the
-    verification then overwrites, and nothing is ever pending but the newest token.
+    verification then overwrites, and nothing is ever pending but the newest token; then rows
+    of a batch advance independently (each row's cache length is its own): a row that is done
+    keeps drafting in place, its length frozen, until every row is done.
     """
 
     def __init__(self, target: Engine, draft: Engine, config: DraftConfig):
         config.validate()
         self.shared = draft.cache is target.cache
-        target.check_drafter(draft, "draft")
+        if not self.shared:
+            target.check_drafter(draft, "draft")
         self.target, self.draft, self.config = target, draft, config
-        # parent arrays of the chains the steps verify, built once on the device
-        self.chains = {t: torch.arange(-1, t - 1, device=target.device) for t in (1, 2, config.k + 1)}
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=32, temperature=0.0, eos_token_id=None, pad_token_id=None):
+        """Returns [B, P + n], n <= max_new_tokens; a row stops after its first EOS and is
+        padded with ``pad_token_id`` (default: the EOS id) up to the longest row."""
         k = self.config.k
         target, draft = self.target, self.draft
-        input_ids, eos, _ = target.prepare(input_ids, max_new_tokens, eos_token_id, pad_token_id,
-                                           room=k + 1, steps=(k + 1,))
+        input_ids, eos, pad = target.prepare(input_ids, max_new_tokens, eos_token_id, pad_token_id,
+                                             room=k + 1, steps=(k + 1,))
         draft.prepare(input_ids, max_new_tokens, room=k + 1, steps=(1,) if self.shared else (1, 2))
+        eos = set(eos.tolist())
         stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
         start = now(target.device)
-        first = select(target.prefill(input_ids)[0], temperature)          # [1]
+        first = select(target.prefill(input_ids)[0], temperature)          # [B]
         if not self.shared:
             draft.prefill(input_ids)
         stats.prefill_s = now(target.device) - start
-        out, pending = [first], [first]
-        produced, done = 1, bool(torch.isin(first, eos).any())
+        rows = [[t] for t in first.tolist()]
+        active = [t not in eos and max_new_tokens > 1 for t in first.tolist()]
+        pending = [first[:, None]]
         begin = now(target.device)
-        while produced < max_new_tokens and not done:
+        while any(active):
             tick = now(target.device)
-            tokens, q = self._draft(pending, k, temperature)
+            tokens, q = self._draft(pending, k, temperature)                  # [B, k], [B, k, V]
             if self.shared:  # verification rewrites the k slots the draft just filled
                 target.cache.length -= k
             stats.draft_s += (tock := now(target.device)) - tick
-            logits, _ = target.verify(torch.cat([pending[-1], tokens])[None], self.chains[k + 1], check=False)
-            n, nxt = accept_chain(logits[0], tokens, q, temperature)
-            n = int(n)  # the step's one host sync
-            target.accept(torch.arange(n + 1, device=target.device)[None])
+            logits, _ = target.verify_chain(torch.cat([pending[-1], tokens], 1))
+            n, nxt = accept_chain(logits, tokens, q, temperature)
+            # a chain's accepted prefix already sits in place: no K/V moves, only lengths
+            live = torch.tensor(active, device=target.device)
+            target.cache.length += torch.where(live, n + 1, 0).to(torch.int32)
+            steps = torch.cat([n[:, None], tokens, nxt[:, None]], 1).tolist()   # the step's one host read
+            for b, (n_b, *toks) in enumerate(steps):
+                if active[b]:
+                    rows[b] += toks[:n_b] + [toks[-1]]
+                    active[b] = eos.isdisjoint(toks[:n_b] + [toks[-1]]) and len(rows[b]) < max_new_tokens
             if self.shared:
-                pending = [nxt[None]]
-            else:  # the draft's cache holds pending + tokens[:k-1]: drop the rejected ones
-                draft.cache.length -= (k - 1) - min(n, k - 1)
-                pending = [tokens[k - 1:], nxt[None]] if n == k else [nxt[None]]
-            new = torch.cat([tokens[:n], nxt[None]])
-            out.append(new)
-            produced += n + 1
-            done = bool(torch.isin(new, eos).any())
+                pending = [nxt[:, None]]
+            else:  # batch 1: the draft's cache holds pending + tokens[:k-1]: drop the rejected ones
+                n_0 = steps[0][0]
+                draft.cache.length -= (k - 1) - min(n_0, k - 1)
+                pending = [tokens[:, k - 1:], nxt[:, None]] if n_0 == k else [nxt[:, None]]
             stats.verify_s += now(target.device) - tock
             stats.target_steps += 1
         stats.decode_s = now(target.device) - begin
         self.stats = stats
-        return finish(input_ids, torch.cat(out).tolist(), max_new_tokens, set(eos.tolist()), stats)
+        return finish(input_ids, rows, max_new_tokens, eos, stats, pad)
 
     def _draft(self, pending, k, temperature):
-        """Feed the pending tokens, then draft k tokens; returns (tokens [k], their dists [k, V])."""
+        """Feed the pending tokens, then draft k tokens per row; returns (tokens [B, k], their
+        distributions [B, k, V], or None when greedy)."""
         draft = self.draft
-        ids = torch.cat(pending)[None]
+        ids = torch.cat(pending, 1)
         tokens, dists = [], []
         for _ in range(k):
-            logits, _ = draft.verify(ids, self.chains[ids.shape[1]], check=False)
+            logits, _ = draft.verify_chain(ids)
             draft.cache.length += ids.shape[1]
-            last = logits[0, -1]
-            token = select(last, temperature)                              # 0-d
+            last = logits[:, -1]
+            token = select(last, temperature)                              # [B]
             tokens.append(token)
-            dists.append(probs(last, temperature) if temperature > 0 else last)
-            ids = token[None, None]
-        return torch.stack(tokens), torch.stack(dists)
+            if temperature > 0:
+                dists.append(probs(last, temperature))
+            ids = token[:, None]
+        return torch.stack(tokens, 1), torch.stack(dists, 1) if dists else None
 
 
 class Speculative:

@@ -60,8 +60,8 @@ def test_deterministic_draft_keeps_the_target_distribution():
     one_hot = torch.nn.functional.one_hot(draft, 6).double()
     counts = torch.zeros(6, dtype=torch.float64)
     for _ in range(20000):
-        n, nxt = accept_chain(p_logits, draft, one_hot, 1.0)
-        counts[int(draft[0]) if int(n) == 1 else int(nxt)] += 1
+        n, nxt = accept_chain(p_logits[None], draft[None], one_hot[None], 1.0)
+        counts[int(draft[0]) if int(n[0]) == 1 else int(nxt[0])] += 1
     from tests.test_spec import chi_square_p_value
     assert chi_square_p_value(counts, torch.softmax(p_logits[0], -1)) > 1e-3
 

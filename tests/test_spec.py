@@ -153,3 +153,17 @@ def test_no_recompilation_after_warm_up():
         engine.generate(testing.random_ids(config, seed, length=3 + seed), max_new_tokens=15)
     assert counters["stats"]["unique_graphs"] == captured
     assert (set(engine.target.graphs), set(engine.pipeline.draft.graphs)) == graphs == ({4}, {1, 2, 4})
+
+
+def test_qspec_runs_a_batch_whose_rows_match_autoregressive():
+    """Rows accept different numbers of drafts and stop at EOS at different steps."""
+    config = testing.tiny_config()
+    target = testing.tiny_model(config, 0, dtype=torch.float64)
+    ids = testing.random_ids(config, 0, batch=3, length=5)
+    kwargs = dict(quant="w4a16", group_size=32, max_seq_len=48, prefill_chunk=4, batch_size=3)
+    ar = hsd.compile(target, **kwargs)
+    eos = int(ar.generate(ids, max_new_tokens=16)[1, 5 + 6])   # row 1 stops early
+    expected = ar.generate(ids, max_new_tokens=16, eos_token_id=eos)
+    engine = hsd.compile(target, **kwargs, spec="qspec", spec_config=hsd.spec.QSpecConfig(k=3, act_bits=4))
+    assert engine.generate(ids, max_new_tokens=16, eos_token_id=eos).tolist() == expected.tolist()
+    assert 1.0 <= engine.stats.tau <= 4.0
