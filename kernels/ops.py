@@ -10,6 +10,7 @@ import torch
 
 from hsd.kernels import act_quant as _act_quant  # noqa: F401  (registers implementations)
 from hsd.kernels import attention as _attention  # noqa: F401
+from hsd.kernels import hadamard as _hadamard  # noqa: F401
 from hsd.kernels import registry
 from hsd.kernels import w4a16 as _w4a16  # noqa: F401
 
@@ -61,3 +62,14 @@ def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Te
 @compact_kv.register_fake
 def _(k_cache, v_cache, cache_len, src):
     return None
+
+
+@torch.library.custom_op("hsd::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    return registry.lookup("hadamard", x.device.type)(x)
+
+
+@hadamard.register_fake
+def _(x):
+    _hadamard.split_size(x.shape[-1])  # an unsupported size fails at trace time, naming it
+    return x.new_empty(x.shape)

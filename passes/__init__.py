@@ -9,3 +9,5 @@ from hsd.passes.weights import LoadWeights, check_materialised
 __all__ = ["Pass", "FunctionPass", "as_pass", "PassManager", "PassError", "PassRecord", "node_kinds",
            "RewriteAttention", "FuseSiblingLinears", "QuantizeLinear", "QUANT_SCHEMES", "STEP_INPUTS",
            "LoadWeights", "check_materialised", "QuantizeActivations", "quantize_per_token"]
+from hsd.passes.rotate import RotateHadamard  # noqa: E402
+__all__ += ["RotateHadamard"]
