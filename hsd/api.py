@@ -93,8 +93,8 @@ def _check_quantizer(quantizer, quant, calibration, act_order):
         raise TypeError(f"calibration must be a LongTensor of token ids [n, T], got {type(calibration).__name__}")
     if act_order and quantizer != "gptq":
         raise ValueError("act_order is a GPTQ option: use it with quantizer='gptq'")
-    if quantizer == "gptq" and (quant is None or not QUANT_SCHEMES[quant].gptq):
-        known = ", ".join(n for n, s in QUANT_SCHEMES.items() if s.gptq)
+    if quantizer == "gptq" and (quant is None or not QUANT_SCHEMES[quant].supports_gptq):
+        known = ", ".join(n for n, s in QUANT_SCHEMES.items() if s.supports_gptq)
         raise ValueError(f"quantizer='gptq' needs a 4-bit weight scheme (quant= one of {known}), got quant={quant!r}")
 
 

@@ -1,8 +1,7 @@
 """Passes on Linear nodes: horizontal fusion and quantization."""
 import collections
-import operator
-
 import hashlib
+import operator
 
 import torch
 import torch.fx
@@ -102,11 +101,11 @@ class Scheme:
       ``quantize``  [N, K] float weight -> those tensors (None for an absent optional one)
       ``emit``      insert the nodes computing ``x @ W.T + b`` from those attributes
     ``load`` builds the tensors from a pre-quantized checkpoint (only some schemes can).
-    A scheme with ``gptq = True`` also takes ``quantize(..., hessian=H, act_order=...)``.
+    A scheme with ``supports_gptq`` also takes ``quantize(..., hessian=H, act_order=...)``.
     """
     name: str
     tensors: tuple
-    gptq = False  # quantize accepts a GPTQ Hessian (4-bit weight schemes)
+    supports_gptq = False  # quantize accepts a GPTQ Hessian (4-bit weight schemes)
 
     def check(self, module: str, n: int, k: int, group_size: int):
         """Raise ValueError (naming ``module``) if this scheme cannot quantize an [n, k] weight."""
@@ -132,7 +131,7 @@ class W4A16(Scheme):
     scheme subclasses it, so all of them read (and quantize) the same tensors."""
     name = "w4a16"
     tensors = ("qweight", "scales", "zeros")
-    gptq = True
+    supports_gptq = True
 
     def check(self, module, n, k, group_size):
         if k % _group(group_size, k) or k % 8:
@@ -194,8 +193,8 @@ class QuantizeLinear(Pass):
                  include_lm_head: bool = False, prequantized=None, hessians=None, act_order: bool = False):
         if scheme not in QUANT_SCHEMES:
             raise ValueError(f"unknown quant scheme {scheme!r}; known: {', '.join(QUANT_SCHEMES)}")
-        if hessians is not None and not QUANT_SCHEMES[scheme].gptq:
-            known = ", ".join(n for n, s in QUANT_SCHEMES.items() if s.gptq)
+        if hessians is not None and not QUANT_SCHEMES[scheme].supports_gptq:
+            known = ", ".join(n for n, s in QUANT_SCHEMES.items() if s.supports_gptq)
             raise ValueError(f"GPTQ quantizes 4-bit weights only ({known}); scheme {scheme!r} cannot use it")
         if act_order and hessians is None:
             raise ValueError("act_order is a GPTQ option: it needs hessians")
