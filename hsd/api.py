@@ -95,7 +95,8 @@ def _check_quantizer(quantizer, quant, calibration, act_order):
         raise ValueError("act_order is a GPTQ option: use it with quantizer='gptq'")
     if quantizer == "gptq" and (quant is None or not QUANT_SCHEMES[quant].supports_gptq):
         known = ", ".join(n for n, s in QUANT_SCHEMES.items() if s.supports_gptq)
-        raise ValueError(f"quantizer='gptq' needs a 4-bit weight scheme (quant= one of {known}), got quant={quant!r}")
+        raise ValueError(f"quantizer='gptq' needs a 4-bit weight scheme (quant= one of {known}), "
+                         f"got quant={quant!r}")
 
 
 def _gptq_hessians(model, calibration):
