@@ -1,6 +1,7 @@
 """``hsd.compile``: the one call that turns a Hugging Face causal LM into an engine."""
 import torch
 
+from hsd.calibration import random_ids
 from hsd.capture import check_supported
 from hsd import spec as hsd_spec
 from hsd.engine import Engine
@@ -8,12 +9,16 @@ from hsd.kv_cache import KVCache
 from hsd.lowering import BACKENDS, default_backend
 from hsd.passes import (QUANT_SCHEMES, FuseSiblingLinears, LoadWeights, PassManager, QuantizeLinear,
                         RewriteAttention, as_pass)
+from hsd.passes import gptq
+
+QUANTIZERS = ("rtn", "gptq")
 
 
 def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, max_seq_len: int = 2048,
             batch_size: int = 1, prefill_chunk: int = 128, group_size: int = 128, fuse: bool = True,
             backend=None, dump_graphs=None, spec=None, draft=None, spec_config=None, draft_quant=None,
-            weights=None, intermediate=None, intermediate_quant=None):
+            weights=None, intermediate=None, intermediate_quant=None, quantizer: str = "rtn",
+            calibration=None, act_order: bool = False):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
@@ -25,6 +30,10 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     ``weights``: for a model built on the meta device (no weight materialised), the tensors by
     Hugging Face name; Linears take ``<module>.qweight`` / ``.scales`` / ``.zeros`` in hsd's W4
     layout (GPTQ's), so 16-bit Linear weights never exist. Needs ``device``, ``dtype``, ``quant``.
+
+    ``quantizer``: how a 4-bit ``quant`` rounds the weights: "rtn" (round to nearest) or "gptq"
+    (``hsd.passes.gptq``: Hessians from one pass of the float model over ``calibration``, token
+    ids [n, T], default random tokens; ``act_order``: GPTQ's desc_act with static groups).
 
     ``spec``: None (autoregressive) or a speculative pipeline name ("draft": ``draft`` is a
     smaller LM, compiled with ``draft_quant``; "eagle2": ``draft`` is an EAGLE-1 head checkpoint
@@ -40,6 +49,7 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if max_seq_len < 1 or batch_size < 1 or prefill_chunk < 1:
         raise ValueError("max_seq_len, batch_size and prefill_chunk must be positive")
+    _check_quantizer(quantizer, quant, calibration, act_order)
     user_passes = [as_pass(p) for p in passes]
     model = _load(model_or_path, dtype)
     check_supported(model.config, max_seq_len)
@@ -47,15 +57,20 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     model.set_attn_implementation("sdpa")  # RewriteAttention matches the SDPA node
     builtin = [RewriteAttention()]
     if next(model.parameters()).is_meta:
+        if quantizer == "gptq":
+            raise ValueError("quantizer='gptq' calibrates the model's float weights, but the model is on the "
+                             "meta device; quantize offline and pass weights= (with the default quantizer)")
         weights = _meta_weights(model, weights, quant, dtype, device)
         builtin.insert(0, LoadWeights(weights, device, dtype))
     else:
         model = model.to(dtype=dtype, device=device)
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    hessians = _gptq_hessians(model, calibration) if quantizer == "gptq" else None
     if fuse:
         builtin.append(FuseSiblingLinears())
     if quant is not None:
-        builtin.append(QuantizeLinear(quant, group_size=group_size, prequantized=weights))
+        builtin.append(QuantizeLinear(quant, group_size=group_size, prequantized=weights,
+                                      hessians=hessians, act_order=act_order))
     cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, dtype, device)
     engine = Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
                     backend or default_backend(torch.device(device)), min(prefill_chunk, max_seq_len))
@@ -66,8 +81,27 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
         quant = {"draft": draft_quant, "intermediate": intermediate_quant}[role]
         return compile(m, quant=quant, dtype=dtype, device=device, max_seq_len=max_seq_len,
                        batch_size=batch_size, prefill_chunk=prefill_chunk, group_size=group_size,
-                       fuse=fuse, backend=backend)
+                       fuse=fuse, backend=backend, quantizer=quantizer if quant else "rtn",
+                       calibration=calibration, act_order=act_order and bool(quant))
     return hsd_spec.build(spec, engine, draft, spec_config, compile_model, intermediate)
+
+
+def _check_quantizer(quantizer, quant, calibration, act_order):
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {quantizer!r}; known: {', '.join(QUANTIZERS)}")
+    if calibration is not None and not isinstance(calibration, torch.Tensor):
+        raise TypeError(f"calibration must be a LongTensor of token ids [n, T], got {type(calibration).__name__}")
+    if act_order and quantizer != "gptq":
+        raise ValueError("act_order is a GPTQ option: use it with quantizer='gptq'")
+    if quantizer == "gptq" and (quant is None or not QUANT_SCHEMES[quant].supports_gptq):
+        known = ", ".join(n for n, s in QUANT_SCHEMES.items() if s.supports_gptq)
+        raise ValueError(f"quantizer='gptq' needs a 4-bit weight scheme (quant= one of {known}), "
+                         f"got quant={quant!r}")
+
+
+def _gptq_hessians(model, calibration):
+    ids = calibration if calibration is not None else random_ids(model.config)  # the default calibration set
+    return gptq.hessians(model, ids)
 
 
 def _meta_weights(model, weights, quant, dtype, device):

@@ -43,25 +43,49 @@ CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def group_length(k: int, group_size: int) -> int:
+    """The group length G along K (``None`` / -1: one group per output channel), checked."""
+    g = k if group_size in (None, -1) else group_size
+    if g <= 0 or k % g or k % 8:
+        raise ValueError(f"in_features {k} must be divisible by the group size {g} and by 8")
+    return g
+
+
+def grid(w: torch.Tensor, symmetric: bool = True):
+    """The 4-bit grid of each group w [..., G] (groups along the last dim): fp32 (scale, zero)
+    of shape [...]. Shared by every 4-bit quantizer (``quantize_rtn``, GPTQ in passes/gptq.py)."""
+    w = w.detach().float()
+    if symmetric:
+        scale = w.abs().amax(-1).clamp(min=1e-8) * 2 / 15
+        zero = torch.full_like(scale, SYMMETRIC_ZERO)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+def to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Nearest grid point of w (scale and zero broadcast against it): fp32 ints in 0..15."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, 15)
+
+
+def pack_quantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype, symmetric: bool):
+    """q [N, K] ints in 0..15 and scale, zero [N, K // G] -> (qweight, scales, zeros) in the format."""
+    qweight = pack(q.to(torch.int32).t().contiguous())
+    scales = scale.t().contiguous().to(dtype)
+    zeros = None if symmetric else zero.t().contiguous().to(dtype)
+    return qweight, scales, zeros
+
+
 def quantize_rtn(w: torch.Tensor, group_size: int, symmetric: bool = True):
     """Round-to-nearest 4-bit quantization of a [N, K] weight. Returns (qweight, scales, zeros)."""
     n, k = w.shape
-    g = k if group_size in (None, -1) else group_size
-    if k % g or k % 8:
-        raise ValueError(f"in_features {k} must be divisible by the group size {g} and by 8")
+    g = group_length(k, group_size)
     wg = w.detach().float().reshape(n, k // g, g)
-    if symmetric:
-        scale = wg.abs().amax(-1).clamp(min=1e-8) * 2 / 15
-        zero = torch.full_like(scale, SYMMETRIC_ZERO)
-    else:
-        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        zero = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 15).to(torch.int32)
-    qweight = pack(q.reshape(n, k).t().contiguous())
-    scales = scale.t().contiguous().to(w.dtype)
-    zeros = None if symmetric else zero.t().contiguous().to(w.dtype)
-    return qweight, scales, zeros
+    scale, zero = grid(wg, symmetric)
+    q = to_grid(wg, scale[..., None], zero[..., None])
+    return pack_quantized(q.reshape(n, k), scale, zero, w.dtype, symmetric)
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """Passes on Linear nodes: horizontal fusion and quantization."""
 import collections
+import hashlib
 import operator
 
 import torch
 import torch.fx
+from tqdm import tqdm
 
 from hsd.capture import is_linear, set_attr
 from hsd.kernels import w4a16
+from hsd.passes import gptq
 from hsd.passes.base import Pass
 
 
@@ -98,9 +101,11 @@ class Scheme:
       ``quantize``  [N, K] float weight -> those tensors (None for an absent optional one)
       ``emit``      insert the nodes computing ``x @ W.T + b`` from those attributes
     ``load`` builds the tensors from a pre-quantized checkpoint (only some schemes can).
+    A scheme with ``supports_gptq`` also takes ``quantize(..., hessian=H, act_order=...)``.
     """
     name: str
     tensors: tuple
+    supports_gptq = False  # quantize accepts a GPTQ Hessian (4-bit weight schemes)
 
     def check(self, module: str, n: int, k: int, group_size: int):
         """Raise ValueError (naming ``module``) if this scheme cannot quantize an [n, k] weight."""
@@ -121,9 +126,12 @@ def _group(group_size, k):
 
 
 class W4A16(Scheme):
-    """4-bit weights in the GPTQ layout (``hsd.kernels.w4a16``), 16-bit activations."""
+    """4-bit weights in the GPTQ layout (``hsd.kernels.w4a16``), 16-bit activations; quantized
+    round-to-nearest, or by GPTQ (``hsd.passes.gptq``) when given a Hessian. Every 4-bit weight
+    scheme subclasses it, so all of them read (and quantize) the same tensors."""
     name = "w4a16"
     tensors = ("qweight", "scales", "zeros")
+    supports_gptq = True
 
     def check(self, module, n, k, group_size):
         if k % _group(group_size, k) or k % 8:
@@ -131,8 +139,10 @@ class W4A16(Scheme):
                              f"{_group(group_size, k)} (and by 8); use group_size=-1 (per channel) "
                              "or a group size that divides it")
 
-    def quantize(self, w, group_size, symmetric):
-        return w4a16.quantize_rtn(w, group_size, symmetric)
+    def quantize(self, w, group_size, symmetric, hessian=None, act_order=False):
+        if hessian is None:
+            return w4a16.quantize_rtn(w, group_size, symmetric)
+        return gptq.gptq(w, hessian, group_size, symmetric, act_order)
 
     def emit(self, graph, x, attrs, bias, tensors):
         group_size = tensors["qweight"].shape[0] * 8 // tensors["scales"].shape[0]
@@ -172,21 +182,36 @@ class QuantizeLinear(Pass):
     round-to-nearest in groups of ``group_size`` along K (``-1``: one group per output channel),
     symmetric unless ``symmetric=False``. The scheme checks every weight's shape before any is
     quantized, so a bad width fails before any work is done.
+
+    ``hessians`` ({module name: [K, K]}, from ``hsd.passes.gptq.hessians``) switches a 4-bit
+    scheme from round-to-nearest to GPTQ (``act_order``: GPTQ's desc_act with static groups); a
+    fused Linear uses the Hessian of its first part (all parts read the same input).
     """
     name = "quantize_linear"
 
     def __init__(self, scheme: str = "w4a16", group_size: int = 128, symmetric: bool = True,
-                 include_lm_head: bool = False, prequantized=None):
+                 include_lm_head: bool = False, prequantized=None, hessians=None, act_order: bool = False):
         if scheme not in QUANT_SCHEMES:
             raise ValueError(f"unknown quant scheme {scheme!r}; known: {', '.join(QUANT_SCHEMES)}")
+        if hessians is not None and not QUANT_SCHEMES[scheme].supports_gptq:
+            known = ", ".join(n for n, s in QUANT_SCHEMES.items() if s.supports_gptq)
+            raise ValueError(f"GPTQ quantizes 4-bit weights only ({known}); scheme {scheme!r} cannot use it")
+        if act_order and hessians is None:
+            raise ValueError("act_order is a GPTQ option: it needs hessians")
         self.scheme, self.group_size, self.symmetric = QUANT_SCHEMES[scheme], group_size, symmetric
         self.include_lm_head = include_lm_head
         self.prequantized = prequantized or {}  # "<module>.qweight" / ".scales" / ... -> tensor
+        self.hessians, self.act_order = hessians, act_order
         self._done = {}  # weight attribute -> quantized tensors, shared by every step graph
 
     def settings(self):
-        return {"scheme": self.scheme.name, "group_size": self.group_size, "symmetric": self.symmetric,
-                "include_lm_head": self.include_lm_head}
+        settings = {"scheme": self.scheme.name, "group_size": self.group_size, "symmetric": self.symmetric,
+                    "include_lm_head": self.include_lm_head}
+        if self.hessians is not None:  # the calibration data changes the output too
+            traces = repr(sorted((n, float(h.diagonal().sum())) for n, h in self.hessians.items()))
+            settings.update(quantizer="gptq", act_order=self.act_order,
+                            calibration=hashlib.sha256(traces.encode()).hexdigest()[:16])
+        return settings
 
     def __call__(self, gm: torch.fx.GraphModule):
         graph = gm.graph
@@ -196,9 +221,11 @@ class QuantizeLinear(Pass):
             w = _fetch(gm, _weight(node)[0])
             if not w.is_meta:  # pre-quantized tensors carry their own group size; load checks them
                 self.scheme.check(node.meta.get("hsd_module", node.name), *w.shape, self.group_size)
-        for node in todo:
+                self._hessian(_parts(node), w)
+        pending = {_weight(n)[0].target for n in todo} - set(self._done)
+        for node in tqdm(todo, desc="gptq", unit="linear", disable=self.hessians is None or not pending):
             w_node, b_node = _weight(node)
-            tensors = self._quantize(gm, w_node, node.meta.get("hsd_parts", [node.meta.get("hsd_module", node.name)]))
+            tensors = self._quantize(gm, w_node, _parts(node))
             owner = w_node.target.rsplit(".", 1)[0]
             tensors = dict(zip(self.scheme.tensors, tensors))
             attrs = {name: None if t is None else _add_attr(gm, graph, node, f"{owner}.{name}", t)
@@ -219,7 +246,30 @@ class QuantizeLinear(Pass):
                 if missing:
                     raise ValueError(f"{missing[0]}: the weight is on the meta device and no quantized tensors were given")
                 tensors = self.scheme.load(parts, self.prequantized, w)
+            elif self.hessians is not None:
+                tensors = self.scheme.quantize(w, self.group_size, self.symmetric,
+                                               hessian=self._hessian(parts, w), act_order=self.act_order)
             else:
                 tensors = self.scheme.quantize(w, self.group_size, self.symmetric)
             self._done[w_node.target] = tuple(tensors)
         return self._done[w_node.target]
+
+    def _hessian(self, parts, w):
+        """The GPTQ Hessian of a (fused) Linear, checked against its [N, K] weight."""
+        if self.hessians is None:
+            return None
+        missing = [p for p in parts if p not in self.hessians]
+        if missing:
+            raise ValueError(f"{missing[0]}: no GPTQ Hessian (calibration never ran this Linear)")
+        h = self.hessians[parts[0]]
+        k = w.shape[1]
+        if h.shape != (k, k):
+            raise ValueError(f"{parts[0]}: Hessian {tuple(h.shape)} does not fit the weight {tuple(w.shape)}")
+        if any(self.hessians[p] is not h and not torch.equal(self.hessians[p], h) for p in parts[1:]):
+            raise ValueError(f"{'+'.join(parts)}: fused Linears read one input but got different Hessians")
+        return h
+
+
+def _parts(node):
+    """The original module names of a (possibly fused) Linear node."""
+    return node.meta.get("hsd_parts", [node.meta.get("hsd_module", node.name)])
