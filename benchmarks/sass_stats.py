@@ -26,13 +26,14 @@ BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SHOWN = ("LOP3", "SHF", "PRMT", "HADD2", "FFMA", "HMMA", "HGMMA", "LDG", "LDGSTS", "STS", "LDS", "BAR")
 
 
-def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096):
+def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096, even=True, asm=True):
     kernel = w4a16._KERNELS[cfg["KERNEL"]]
     ptrs = dict(x_ptr=dtype, qw_ptr="i32", s_ptr=dtype, z_ptr=dtype, b_ptr=dtype, y_ptr=dtype)
     sig = {name: f"*{t}" for name, t in ptrs.items()}
     sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
     consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
-                  SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k,
+                  SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k, EVEN=even,
+                  ASM=asm and dtype != "fp32",
                   BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     if cfg["KERNEL"] == "mma":
         consts.update(PRECISION="tf32", WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", cfg["BLOCK_M"] >= 64),
