@@ -205,10 +205,11 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SP
 
 
 # (BLOCK_M cap, BLOCK_N, num_warps, num_stages, programs per SM at a full cache), for Q tiles of
-# at most 64 rows (decode, small trees) and more. A small do_bench sweep on an H100 (BLOCK_M 32..128,
-# BLOCK_N 64/128, 2..4 stages, 1..4 programs per SM) found nothing better; it ran before the
-# one-shot reduce and was noisy, so retune with CUDA-graph timings.
-LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2), "many_rows": (64, 64, 4, 3, 2)}
+# at most 64 rows (decode, small trees) and more. Chosen by benchmarks/sweep_kernels.py on an H100
+# (CUDA-graph timings, cold L2, prefix 2048 and 8192, 1 and 64 nodes; BLOCK_M 64..256, BLOCK_N
+# 64/128, 2..4 stages, 1..4 programs per SM): decode is fastest with 4 programs per SM, 64-node
+# trees with 1 (their 4 row blocks already give 4x the programs). Other plans within ~10%.
+LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 4), "many_rows": (64, 64, 4, 3, 1)}
 MAX_SPLITS = 63   # the reduce holds all partials of a row in registers
 
 

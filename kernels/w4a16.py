@@ -21,6 +21,9 @@ MMA, is the cost to watch: integer ops run at half the fp32 rate. So:
     operand registers want, so the unpacked weights are neither reshaped nor repacked.
   * Small M splits K over several programs (SPLIT_K) that add into the output atomically, so
     even N = 4096 fills every SM; one [BLOCK_K, BLOCK_N] weight tile serves all BLOCK_M rows.
+  * On the GPU, 16-bit activations unpack through inline PTX (``_halves_asm``) and tiles that
+    divide N and K load unmasked (EVEN). Measured on an H100 (benchmarks/results/README.md),
+    small M is bound by latency (few warps per SM, short K loops), not by these instructions.
 Variants, picked per (M bucket, N, K) by the table or ``default_config``: "mma" (tensor cores,
 BLOCK_M 16..64) and "gemv" (CUDA cores, one row per program, for M <= 4).
 ``benchmarks/sass_stats.py`` compiles every config for sm_90 without a GPU and counts the
@@ -100,8 +103,8 @@ def _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, mask_n, G: tl.constexpr,
     """Packed words [BLOCK_K // 8, BLOCK_N] of rows k0 .. k0 + BLOCK_K, their zero points (in
     dtype) and scales: [1, BLOCK_N] fp32 when the tile lies in one group (the caller scales the
     [M, N] product once, instead of BLOCK_K times as many weights), else per word row in dtype.
-    EVEN (the tiles divide N and K): no masks, whose predicates cost about as many instructions
-    as the unpacking at small M."""
+    EVEN (the tiles divide N and K): no masks (their predicates were 15% of the small-M loop's
+    instructions, benchmarks/sass_stats.py)."""
     rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     mask = (rows < K // 8)[:, None] & mask_n[None, :]
     if SCALE_PER_TILE:
@@ -140,10 +143,11 @@ def _nibbles(q, i: tl.constexpr, zero, ASM: tl.constexpr):
     A nibble becomes a float by OR-ing it into the mantissa of 1024 (fp16), 128 (bf16) or 2**23
     (fp32): an int->float conversion runs at a quarter of the rate of plain arithmetic on NVIDIA
     GPUs and would cap the kernel below memory bandwidth. For 16-bit floats one shift and one
-    mask place nibbles i and i + 4 in the two halves of a word. Instruction issue bounds this
-    kernel at small M, so the GPU (ASM) path goes further: one lop3 per two nibbles, and for fp16
-    odd i reads bits 4..7 in place (1024 + 16 n, scaled back by an exact fma), so a word needs
-    one shift instead of three.
+    mask place nibbles i and i + 4 in the two halves of a word. The GPU (ASM) path goes further:
+    one lop3 per two nibbles, and for fp16 odd i reads bits 4..7 in place (1024 + 16 n, scaled
+    back by an exact fma), so a word needs one shift instead of three (4.2 -> 2.9 instructions
+    per weight in the BLOCK_M = 16 loop; on an H100 this did not change the small-M time, which
+    latency bounds: benchmarks/results/README.md).
     """
     if zero.dtype == tl.float32:
         lo = (((q >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
@@ -414,7 +418,7 @@ def candidate_configs(m: int, n: int, k: int):
     tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WEIGHTS_AS_A
     if m <= 4:
         tiles += [("gemv", 1, 64, 64, 4, 3, False)]
-    if m <= 32:  # 256 columns on 4 warps: fewer instructions per weight (issue bound at small M)
+    if m <= 32:  # 256 columns on 4 warps: fewer instructions per weight; more stages and warps
         block_m = max(16, triton.next_power_of_2(m))
         tiles += [("mma", block_m, bn, 128, w, st, False)
                   for bn, w, st in ((64, 4, 4), (128, 4, 3), (128, 4, 5), (128, 8, 4), (256, 4, 3),
