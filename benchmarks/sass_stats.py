@@ -4,7 +4,8 @@
 
 Every config ``w4a16.candidate_configs`` yields for these M (and the default config) is compiled
 with the installed Triton for sm_<arch>; the script fails on any compile error and prints, per
-config, registers, spills and the instructions that decide a memory-bound kernel's speed: integer
+config, registers, spills, the K loop's length (SASS instructions per warp and iteration, and per
+weight and thread: "/w") and the instructions that decide a memory-bound kernel's speed: integer
 ops (64 per SM per clock on Hopper, half the fp32 rate), shared-memory traffic and barriers.
 """
 import argparse
@@ -56,7 +57,18 @@ def sass_stats(compiled):
                              text=True, check=True).stdout
     ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M))
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
-    return int(regs), int(stack), ops
+    return int(regs), int(stack), ops, loop_length(sass)
+
+
+def loop_length(sass: str) -> int:
+    """Instructions in the longest backward branch's body (the K loop), per warp and iteration."""
+    addrs = [int(a, 16) for a in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/", sass, re.M)]
+    longest = 0
+    for at, target in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass, re.M):
+        at, target = int(at, 16), int(target, 16)
+        if target < at:
+            longest = max(longest, sum(target <= a <= at for a in addrs))
+    return longest
 
 
 def main():
@@ -67,7 +79,7 @@ def main():
     ap.add_argument("--k", type=int, default=4096)
     args = ap.parse_args()
     seen = set()
-    print(f"{'config':<44} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>6}" for o in SHOWN))
+    print(f"{'config':<44} {'regs':>4} {'stack':>5} {'smem':>6} {'loop':>5} {'/w':>5} " + " ".join(f"{o:>6}" for o in SHOWN))
     for m in args.m:
         for cfg in [w4a16.default_config(m, args.n, args.k), *w4a16.candidate_configs(m, args.n, args.k)]:
             key = tuple(sorted((k, v) for k, v in cfg.items() if k != "SPLIT_K")) + (cfg["SPLIT_K"] > 1,)
@@ -75,11 +87,12 @@ def main():
                 continue
             seen.add(key)
             compiled = compile_config(cfg, args.arch, k=args.k)
-            regs, stack, ops = sass_stats(compiled)
+            regs, stack, ops, loop = sass_stats(compiled)
+            per_weight = loop * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_K"])
             name = (f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
                     f"w{cfg['num_warps']} s{cfg['num_stages']} split{'>1' if cfg['SPLIT_K'] > 1 else '=1'}"
                     + (" A=W" if cfg.get("WEIGHTS_AS_A") else ""))
-            print(f"{name:<44} {regs:>4} {stack:>5} {compiled.metadata.shared:>6} "
+            print(f"{name:<44} {regs:>4} {stack:>5} {compiled.metadata.shared:>6} {loop:>5} {per_weight:5.2f} "
                   + " ".join(f"{ops[o]:>6}" for o in SHOWN), flush=True)
 
 
