@@ -3,11 +3,15 @@
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats -k regex:'w4a16|attn' \
         python benchmarks/ncu_probe.py
 """
+import pathlib
+import sys
+
 import torch
 
-from bench_gemm import random_w4
-from hsd.kernels import attention, w4a16
-import bench_attention as ba
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import bench_attention as ba  # noqa: E402
+from bench_gemm import random_w4  # noqa: E402
+from hsd.kernels import attention, w4a16  # noqa: E402
 
 for n, k in ((4096, 4096), (28672, 4096)):
     qw, s, _ = random_w4(n, k)

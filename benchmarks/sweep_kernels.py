@@ -1,14 +1,16 @@
 """One device run that checks the W4A16 and attention kernels on the GPU, then times variants.
 
-    python benchmarks/sweep_kernels.py [--skip-w4a16] [--skip-attention]   (CUDA GPU; $OUT)
+    python benchmarks/sweep_kernels.py [--skip-w4a16] [--skip-attention] [--per-linear]   (CUDA GPU; $OUT)
 
 W4A16: relative error of every kernel path (the inline-PTX unpacking included, which the CPU
 interpreter never runs) against the fp32 reference, on shapes the tiles divide and shapes they
-do not; then, per linear of the Llama-3-8B layer, the table's config against a plain device copy
-of the same bytes (what the memory system gives a kernel of that size).
+do not; what the timing harness itself costs (a 1-element kernel, device copies, do_bench's
+writing L2 flush vs a reading one); with --per-linear, each Llama-3-8B linear with the table's
+config against a device copy of the same bytes.
 Attention: the op against the reference, then the launch plan swept over BLOCK_M cap, BLOCK_N,
 warps, stages and programs per SM at prefix 2048 / 8192 with 1 and 64 tree nodes, and the split
-kernel alone (to see what the reduce costs). Prints a short table last; JSON in $OUT/sweep.json.
+kernel alone (to see what the reduce costs); the fastest plan per row class goes to
+$OUT/attention_plans.json (bench_attention.py --plans). Prints a short table last; JSON in $OUT/sweep.json.
 """
 import argparse
 import itertools
