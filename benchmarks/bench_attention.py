@@ -9,6 +9,7 @@ Every method also writes the new K/V into the cache. Two timings, both with a co
   graph_us: calls replayed from one CUDA graph, minus the L2 flushes (how hsd runs the op).
 Bandwidth counts the K/V prefix bytes read. Writes attention.json and attention.png to $OUT (default ./out), prints a table last.
 """
+import argparse
 import datetime
 import json
 import os
@@ -72,6 +73,13 @@ def graph_us(fn, flush: torch.Tensor, reps: int = 20) -> float:
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plans", help="JSON file of LAUNCH_PLANS entries to use instead of the shipped ones "
+                                     "(what benchmarks/sweep_kernels.py writes)")
+    args = ap.parse_args()
+    if args.plans:
+        with open(args.plans) as f:
+            LAUNCH_PLANS.update({kind: tuple(plan) for kind, plan in json.load(f).items()})
     out_dir = os.environ.get("OUT", "./out")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)

@@ -88,9 +88,9 @@ def tinygemm_weights(qweight, scales):
     return None
 
 
-def bench_model(shapes, methods, configs):
+def bench_model(shapes, methods, configs, per_linear):
     """{method: {M: summed median us of the layer's linears, weight GB/s, TFLOP/s}}; the W4A16
-    configs used go into ``configs``."""
+    configs used go into ``configs``, each linear's us into ``per_linear``."""
     us = {meth: {m: 0.0 for m in MS} for meth in methods}
     nbytes = dict.fromkeys(methods, 0)
     for n, k in shapes:
@@ -111,7 +111,9 @@ def bench_model(shapes, methods, configs):
                 if fns[meth] is None or us[meth][m] is None:
                     us[meth][m] = None
                 else:
-                    us[meth][m] += bench_us(fns[meth])
+                    t = bench_us(fns[meth])
+                    us[meth][m] += t
+                    per_linear.setdefault(meth, {}).setdefault(f"{n},{k}", {})[str(m)] = t
         configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, qw.device) for m in MS}
         print(f"  N={n} K={k} M=1: " + ", ".join(f"{meth} {us[meth][1]}" for meth in methods), flush=True)
     flops = {m: 2 * m * sum(n * k for n, k in shapes) for m in MS}
@@ -168,11 +170,12 @@ def main():
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   group_size=GROUP, timing="median of CUDA-graph replays (triton.testing.do_bench), L2 cleared before each",
                   correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
-                  w4a16_configs={})
+                  w4a16_configs={}, per_linear_us={})
     methods = ("w4a16_g128", "cublas_fp16", "tinygemm_g128")
     for model, shapes in LAYERS.items():
         print(model, flush=True)
-        report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"])
+        report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"],
+                                               report["per_linear_us"])
         (out / "bench_gemm.json").write_text(json.dumps(report, indent=1))
     plot(report["results"], out / "bench_gemm.png")
     print(f"\n{name}, us per layer (sum of 4 linears), W4 g128 floor: "

@@ -4,7 +4,8 @@
 
 Every config ``w4a16.candidate_configs`` yields for these M (and the default config) is compiled
 with the installed Triton for sm_<arch>; the script fails on any compile error and prints, per
-config, registers, spills and the instructions that decide a memory-bound kernel's speed: integer
+config, registers, spills, the K loop's length (SASS instructions per warp and iteration, and per
+weight and thread: "/w") and the instructions that decide a memory-bound kernel's speed: integer
 ops (64 per SM per clock on Hopper, half the fp32 rate), shared-memory traffic and barriers.
 """
 import argparse
@@ -26,13 +27,14 @@ BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SHOWN = ("LOP3", "SHF", "PRMT", "HADD2", "FFMA", "HMMA", "HGMMA", "LDG", "LDGSTS", "STS", "LDS", "BAR")
 
 
-def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096):
+def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096, even=True, asm=True):
     kernel = w4a16._KERNELS[cfg["KERNEL"]]
     ptrs = dict(x_ptr=dtype, qw_ptr="i32", s_ptr=dtype, z_ptr=dtype, b_ptr=dtype, y_ptr=dtype)
     sig = {name: f"*{t}" for name, t in ptrs.items()}
     sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
     consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
-                  SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k,
+                  SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k, EVEN=even,
+                  ASM=asm and dtype != "fp32",
                   BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     if cfg["KERNEL"] == "mma":
         consts.update(PRECISION="tf32", WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", cfg["BLOCK_M"] >= 64),
@@ -55,7 +57,18 @@ def sass_stats(compiled):
                              text=True, check=True).stdout
     ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M))
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
-    return int(regs), int(stack), ops
+    return int(regs), int(stack), ops, loop_length(sass)
+
+
+def loop_length(sass: str) -> int:
+    """Instructions in the longest backward branch's body (the K loop), per warp and iteration."""
+    addrs = [int(a, 16) for a in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/", sass, re.M)]
+    longest = 0
+    for at, target in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass, re.M):
+        at, target = int(at, 16), int(target, 16)
+        if target < at:
+            longest = max(longest, sum(target <= a <= at for a in addrs))
+    return longest
 
 
 def main():
@@ -66,7 +79,7 @@ def main():
     ap.add_argument("--k", type=int, default=4096)
     args = ap.parse_args()
     seen = set()
-    print(f"{'config':<44} {'regs':>4} {'stack':>5} {'smem':>6} " + " ".join(f"{o:>6}" for o in SHOWN))
+    print(f"{'config':<44} {'regs':>4} {'stack':>5} {'smem':>6} {'loop':>5} {'/w':>5} " + " ".join(f"{o:>6}" for o in SHOWN))
     for m in args.m:
         for cfg in [w4a16.default_config(m, args.n, args.k), *w4a16.candidate_configs(m, args.n, args.k)]:
             key = tuple(sorted((k, v) for k, v in cfg.items() if k != "SPLIT_K")) + (cfg["SPLIT_K"] > 1,)
@@ -74,11 +87,12 @@ def main():
                 continue
             seen.add(key)
             compiled = compile_config(cfg, args.arch, k=args.k)
-            regs, stack, ops = sass_stats(compiled)
+            regs, stack, ops, loop = sass_stats(compiled)
+            per_weight = loop * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_K"])
             name = (f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
                     f"w{cfg['num_warps']} s{cfg['num_stages']} split{'>1' if cfg['SPLIT_K'] > 1 else '=1'}"
                     + (" A=W" if cfg.get("WEIGHTS_AS_A") else ""))
-            print(f"{name:<44} {regs:>4} {stack:>5} {compiled.metadata.shared:>6} "
+            print(f"{name:<44} {regs:>4} {stack:>5} {compiled.metadata.shared:>6} {loop:>5} {per_weight:5.2f} "
                   + " ".join(f"{ops[o]:>6}" for o in SHOWN), flush=True)
 
 

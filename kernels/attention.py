@@ -184,9 +184,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
 
 @triton.jit
 def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SPLITS,
-                        D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
-    # all partials of BLOCK_R rows in one [SPLITS, BLOCK_R, D] tile: no latency-bound loop
-    pid_r, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+                        D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # all partials of BLOCK_R rows x BLOCK_D columns in one [SPLITS, BLOCK_R, BLOCK_D] tile: one
+    # round trip to memory, and (with the column split) enough programs to fill the GPU at decode
+    pid_r, bh, pid_d = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     n_prefix = tl.minimum(tl.cdiv(tl.load(len_ptr + bh // HKV), CHUNK), N_SPLITS)
     split = tl.arange(0, SPLITS)[:, None]
     rows = tl.minimum(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), ROWS - 1)[None, :]   # pad: repeat the last
@@ -195,19 +196,20 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SP
     lse = tl.load(lse_ptr + part_row, mask=used, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[None, :])
-    offs_d = tl.arange(0, D)[None, None, :]
-    o = tl.load(o_ptr + part_row[:, :, None] * D + offs_d, mask=used[:, :, None], other=0.0)
-    out = tl.sum(o * w[:, :, None], 0) / tl.sum(w, 0)[:, None]                   # [BLOCK_R, D]
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o = tl.load(o_ptr + part_row[:, :, None] * D + cols[None, None, :], mask=used[:, :, None], other=0.0)
+    out = tl.sum(o * w[:, :, None], 0) / tl.sum(w, 0)[:, None]                   # [BLOCK_R, BLOCK_D]
     rows_out = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    tl.store(out_ptr + (bh * ROWS + rows_out)[:, None] * D + tl.arange(0, D)[None, :],
+    tl.store(out_ptr + (bh * ROWS + rows_out)[:, None] * D + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(rows_out < ROWS)[:, None])
 
 
 # (BLOCK_M cap, BLOCK_N, num_warps, num_stages, programs per SM at a full cache), for Q tiles of
-# at most 64 rows (decode, small trees) and more. A small do_bench sweep on an H100 (BLOCK_M 32..128,
-# BLOCK_N 64/128, 2..4 stages, 1..4 programs per SM) found nothing better; it ran before the
-# one-shot reduce and was noisy, so retune with CUDA-graph timings.
-LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2), "many_rows": (64, 64, 4, 3, 2)}
+# at most 64 rows (decode, small trees) and more. Chosen by benchmarks/sweep_kernels.py on an H100
+# (CUDA-graph timings, cold L2, prefix 2048 and 8192, 1 and 64 nodes; BLOCK_M 64..256, BLOCK_N
+# 64/128, 2..4 stages, 1..4 programs per SM): decode is fastest with 4 programs per SM, 64-node
+# trees with 1 (their 4 row blocks already give 4x the programs). Other plans within ~10%.
+LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 4), "many_rows": (64, 64, 4, 3, 1)}
 MAX_SPLITS = 63   # the reduce holds all partials of a row in registers
 
 
@@ -244,10 +246,13 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     out = torch.empty_like(q)
     splits = triton.next_power_of_2(n_splits + 1)
-    # GPU: about 64 partial rows per program; interpreter: one program per KV head
+    # GPU: about 64 partial rows of 32 columns per program (ncu, H100, decode at prefix 8192: whole
+    # rows in 16 programs took 6.8 us, a third of the split kernel); interpreter: one program per KV head
     block_r = max(2, 64 // splits) if q.is_cuda else triton.next_power_of_2(rows)
-    _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv)](
-        o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r, num_warps=8)
+    block_d = min(d, 32) if q.is_cuda else d
+    _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv, d // block_d)](
+        o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r,
+        BLOCK_D=block_d, num_warps=4)
     return out
 
 

@@ -21,6 +21,9 @@ MMA, is the cost to watch: integer ops run at half the fp32 rate. So:
     operand registers want, so the unpacked weights are neither reshaped nor repacked.
   * Small M splits K over several programs (SPLIT_K) that add into the output atomically, so
     even N = 4096 fills every SM; one [BLOCK_K, BLOCK_N] weight tile serves all BLOCK_M rows.
+  * On the GPU, 16-bit activations unpack through inline PTX (``_halves_asm``) and tiles that
+    divide N and K load unmasked (EVEN). Measured on an H100 (benchmarks/results/README.md),
+    small M is bound by latency (few warps per SM, short K loops), not by these instructions.
 Variants, picked per (M bucket, N, K) by the table or ``default_config``: "mma" (tensor cores,
 BLOCK_M 16..64) and "gemv" (CUDA cores, one row per program, for M <= 4).
 ``benchmarks/sass_stats.py`` compiles every config for sm_90 without a GPU and counts the
@@ -120,47 +123,72 @@ def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int):
 @triton.jit
 def _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, mask_n, G: tl.constexpr,
                HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-               dtype: tl.constexpr):
+               EVEN: tl.constexpr, dtype: tl.constexpr):
     """Packed words [BLOCK_K // 8, BLOCK_N] of rows k0 .. k0 + BLOCK_K, their zero points (in
     dtype) and scales: [1, BLOCK_N] fp32 when the tile lies in one group (the caller scales the
-    [M, N] product once, instead of BLOCK_K times as many weights), else per word row in dtype."""
+    [M, N] product once, instead of BLOCK_K times as many weights), else per word row in dtype.
+    EVEN (the tiles divide N and K): no masks (their predicates were 15% of the small-M loop's
+    instructions, benchmarks/sass_stats.py)."""
     rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     mask = (rows < K // 8)[:, None] & mask_n[None, :]
-    q = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
     if SCALE_PER_TILE:
-        offs, mask = (k0 // G) * N + offs_n[None, :], mask_n[None, :]
+        offs, s_mask = (k0 // G) * N + offs_n[None, :], mask_n[None, :]
     else:  # G is a multiple of 8, so the 8 nibbles of a word share a group
-        offs = ((8 * rows) // G)[:, None] * N + offs_n[None, :]
+        offs, s_mask = ((8 * rows) // G)[:, None] * N + offs_n[None, :], mask
+    if EVEN:  # all-true masks fold away
+        mask, s_mask = tl.full(mask.shape, 1, tl.int1), tl.full(s_mask.shape, 1, tl.int1)
+    q = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
     if HAS_ZEROS:
-        zero = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)
+        zero = tl.load(z_ptr + offs, mask=s_mask, other=0.0).to(dtype)
     else:
         zero = tl.full((1, 1), 8.0, dtype)  # the symmetric zero point
-    scale = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32 if SCALE_PER_TILE else dtype)
+    scale = tl.load(s_ptr + offs, mask=s_mask, other=0.0).to(tl.float32 if SCALE_PER_TILE else dtype)
     return q, zero, scale
 
 
 @triton.jit
-def _nibbles(q, i: tl.constexpr, zero):
+def _halves_asm(q, shift: tl.constexpr, mask: tl.constexpr, like):
+    """GPU only: ((q >> shift) & mask) OR-ed into the exponent bits of two floats of like's
+    16-bit dtype, in one lop3 (the same Triton expression compiles to an AND and an OR, with its
+    constants rematerialised per use)."""
+    magic: tl.constexpr = 0x64006400 if like.dtype == tl.float16 else 0x43004300
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; shr.b32 t, $2, $3; lop3.b32 t, t, $4, $5, 0xea; mov.b32 {$0, $1}, t; }",
+        "=h,=h,r,r,r,r", [q, tl.full(q.shape, shift, tl.int32), tl.full(q.shape, mask, tl.int32),
+                          tl.full(q.shape, magic, tl.int32)],
+        dtype=(like.dtype, like.dtype), is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibbles(q, i: tl.constexpr, zero, ASM: tl.constexpr):
     """Nibbles i and i + 4 of every word (k = 8 r + i and 8 r + i + 4) minus their zero point,
     exact, in zero's dtype.
 
     A nibble becomes a float by OR-ing it into the mantissa of 1024 (fp16), 128 (bf16) or 2**23
     (fp32): an int->float conversion runs at a quarter of the rate of plain arithmetic on NVIDIA
     GPUs and would cap the kernel below memory bandwidth. For 16-bit floats one shift and one
-    mask place nibbles i and i + 4 in the two halves of a word: integer ops (half the fp32 rate
-    on Hopper) are what bound this kernel, so this halves the dominant cost.
+    mask place nibbles i and i + 4 in the two halves of a word. The GPU (ASM) path goes further:
+    one lop3 per two nibbles, and for fp16 odd i reads bits 4..7 in place (1024 + 16 n, scaled
+    back by an exact fma), so a word needs one shift instead of three (4.2 -> 2.9 instructions
+    per weight in the BLOCK_M = 16 loop; on an H100 this did not change the small-M time, which
+    latency bounds: benchmarks/results/README.md).
     """
     if zero.dtype == tl.float32:
         lo = (((q >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
         hi = (((q >> (4 * i + 16)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
         return lo - (zero + 8388608.0), hi - (zero + 8388608.0)
+    one: tl.constexpr = 1024.0 if zero.dtype == tl.float16 else 128.0
+    if ASM and zero.dtype == tl.float16 and i % 2 == 1:
+        lo, hi = _halves_asm(q, 4 * (i - 1), 0x00F000F0, zero)
+        return lo * 0.0625 - (zero + 64.0), hi * 0.0625 - (zero + 64.0)
+    if ASM:
+        lo, hi = _halves_asm(q, 4 * i, 0x000F000F, zero)
     else:
-        one: tl.constexpr = 1024.0 if zero.dtype == tl.float16 else 128.0
         magic: tl.constexpr = 0x64006400 if zero.dtype == tl.float16 else 0x43004300
         halves = ((q >> (4 * i)) & 0x000F000F) | magic
         lo = halves.to(tl.int16).to(zero.dtype, bitcast=True)
         hi = (halves >> 16).to(tl.int16).to(zero.dtype, bitcast=True)
-        return lo - (zero + one), hi - (zero + one)
+    return lo - (zero + one), hi - (zero + one)
 
 
 @triton.jit
@@ -219,6 +247,7 @@ def _dot(x, w, acc, WEIGHTS_AS_A: tl.constexpr, PRECISION: tl.constexpr):
 def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                       tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+                      EVEN: tl.constexpr, ASM: tl.constexpr,
                       PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor cores: per tile of [BLOCK_K // 8, BLOCK_N] words, 4 dots with K = BLOCK_K // 4,
@@ -235,19 +264,19 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
     for t in range(first, last):
         k0 = t * BLOCK_K
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
-                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
+                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, EVEN, dtype)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xs = _split4(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                              mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
         if SCALE_PER_TILE:
             part = tl.zeros(acc_shape, dtype=tl.float32)
             for i in tl.static_range(4):
-                w_lo, w_hi = _nibbles(q, i, zero)
+                w_lo, w_hi = _nibbles(q, i, zero, ASM)
                 part = _dot(xs[i], _interleave_rows(w_lo, w_hi), part, WEIGHTS_AS_A, PRECISION)
             acc += part * (tl.reshape(scale, (BLOCK_N, 1)) if WEIGHTS_AS_A else scale)
         else:
             for i in tl.static_range(4):
-                w_lo, w_hi = _nibbles(q, i, zero)
+                w_lo, w_hi = _nibbles(q, i, zero, ASM)
                 w = _interleave_rows(w_lo * scale, w_hi * scale)
                 acc = _dot(xs[i], w, acc, WEIGHTS_AS_A, PRECISION)
     if WEIGHTS_AS_A:
@@ -259,6 +288,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                        tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
+                      EVEN: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
     layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
@@ -273,12 +303,12 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
         k0 = t * BLOCK_K
         # (q - zero) in the 16-bit activation dtype is exact and takes half the integer ops
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
-                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, dtype)
+                                    HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, EVEN, dtype)
         x_ptrs = x_ptr + m * stride_xm + k0 + 8 * offs_r
         x_mask = k0 + 8 * offs_r < K
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         for i in tl.static_range(4):
-            w_lo, w_hi = _nibbles(q, i, zero)
+            w_lo, w_hi = _nibbles(q, i, zero, ASM)
             if not SCALE_PER_TILE:
                 w_lo, w_hi = w_lo * scale, w_hi * scale
             x_lo = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
@@ -394,6 +424,8 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     consts = dict(G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
                   SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
+                  EVEN=n % block_n == 0 and k % block_k == 0,
+                  ASM=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16),
                   BLOCK_N=block_n, BLOCK_K=block_k)
     if kernel is _w4a16_mma_kernel:
         consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
@@ -409,12 +441,17 @@ def candidate_configs(m: int, n: int, k: int):
     """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
     tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WEIGHTS_AS_A
     if m <= 4:
-        tiles += [("gemv", 1, bn, bk, w, 3, False)
-                  for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 32, 8))]
-    for block_m in {16: [16], 32: [32]}.get(max(16, m), [32, 64]):  # BLOCK_M = 128 spills
-        for swap in (False, True) if block_m >= 64 else (False,):
-            tiles += [("mma", block_m, bn, 128, w, st, swap)
-                      for bn, w, st in ((64, 4, 4), (128, 4, 3), (256, 8, 3))]
+        tiles += [("gemv", 1, 64, 64, 4, 3, False)]
+    if m <= 32:  # 256 columns on 4 warps: fewer instructions per weight; more stages and warps
+        block_m = max(16, triton.next_power_of_2(m))
+        tiles += [("mma", block_m, bn, 128, w, st, False)
+                  for bn, w, st in ((64, 4, 4), (128, 4, 3), (128, 4, 5), (128, 8, 4), (256, 4, 3),
+                                    (256, 4, 4), (256, 8, 4))]
+    else:  # BLOCK_M = 128 spills
+        for block_m in (32, 64):
+            for swap in (False, True) if block_m >= 64 else (False,):
+                tiles += [("mma", block_m, bn, 128, w, st, swap)
+                          for bn, w, st in ((64, 4, 4), (128, 4, 3), (256, 8, 3))]
     for kernel, block_m, block_n, block_k, num_warps, num_stages, swap in tiles:
         k_tiles = triton.cdiv(k, block_k)
         for split in (1, 2, 4, 8, 16, 32) if m <= 64 else (1,):
