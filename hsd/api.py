@@ -1,6 +1,7 @@
 """``hsd.compile``: the one call that turns a Hugging Face causal LM into an engine."""
 import torch
 
+from hsd import calibration as hsd_calibration
 from hsd.capture import check_supported
 from hsd import spec as hsd_spec
 from hsd.engine import Engine
@@ -8,12 +9,15 @@ from hsd.kv_cache import KVCache
 from hsd.lowering import BACKENDS, default_backend
 from hsd.passes import (QUANT_SCHEMES, FuseSiblingLinears, LoadWeights, PassManager, QuantizeLinear,
                         RewriteAttention, as_pass)
+from hsd.passes.norm import FuseRMSNormQuant
+from hsd.passes.smoothquant import SmoothQuant, activation_absmax
 
 
 def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, max_seq_len: int = 2048,
             batch_size: int = 1, prefill_chunk: int = 128, group_size: int = 128, fuse: bool = True,
             backend=None, dump_graphs=None, spec=None, draft=None, spec_config=None, draft_quant=None,
-            weights=None, intermediate=None, intermediate_quant=None):
+            weights=None, intermediate=None, intermediate_quant=None, calibration=None, tokenizer=None,
+            smooth_alpha=0.5):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
@@ -32,6 +36,11 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     ``intermediate`` is a smaller LM compiled with ``intermediate_quant`` and ``draft`` an EAGLE
     head for it); ``spec_config`` its settings dataclass (``hsd.spec.DraftConfig``,
     ``hsd.spec.QSpecConfig``, ``hsd.eagle2.Eagle2Config``, ``hsd.hierarchical.HierarchicalConfig``).
+    ``quant="w8a8"`` / ``"fp8"``: 8-bit per-channel weights and per-token activations
+    (``hsd.passes.scaled``); RMSNorm + activation quantization fuse (``FuseRMSNormQuant``). w8a8
+    first runs ``SmoothQuant(alpha=smooth_alpha)`` (None: off) on statistics of ``calibration``
+    (token ids [n, T]; default: the embedded text through ``tokenizer`` if given, else random ids).
+
     Returns an ``Engine`` or, with ``spec``, an ``hsd.spec.Speculative``.
     """
     if quant is not None and quant not in QUANT_SCHEMES:
@@ -52,10 +61,16 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     else:
         model = model.to(dtype=dtype, device=device)
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    if quant is not None:
+        QUANT_SCHEMES[quant].check_device(device or "cpu")
+        smooth = getattr(QUANT_SCHEMES[quant], "smoothquant", False) and smooth_alpha is not None
+        if smooth and not next(model.parameters()).is_meta:  # pre-quantized weights come smoothed
+            ids = _calibration_ids(model, calibration, tokenizer)
+            builtin.append(SmoothQuant(activation_absmax(model, ids), smooth_alpha))
     if fuse:
         builtin.append(FuseSiblingLinears())
     if quant is not None:
-        builtin.append(QuantizeLinear(quant, group_size=group_size, prequantized=weights))
+        builtin += [QuantizeLinear(quant, group_size=group_size, prequantized=weights), FuseRMSNormQuant()]
     cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, dtype, device)
     engine = Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
                     backend or default_backend(torch.device(device)), min(prefill_chunk, max_seq_len))
@@ -68,6 +83,14 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
                        batch_size=batch_size, prefill_chunk=prefill_chunk, group_size=group_size,
                        fuse=fuse, backend=backend)
     return hsd_spec.build(spec, engine, draft, spec_config, compile_model, intermediate)
+
+
+def _calibration_ids(model, calibration, tokenizer):
+    if calibration is not None:
+        return calibration
+    if tokenizer is not None:
+        return hsd_calibration.text_ids(tokenizer)
+    return hsd_calibration.random_ids(model.config)
 
 
 def _meta_weights(model, weights, quant, dtype, device):
