@@ -78,7 +78,7 @@ def scaled_mm_reference(xq, xscale, wq, wscale, bias):
 # M and the split length only bound loops and masks: one compiled kernel serves every value
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _scaled_mm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                      tiles_per_split, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      tiles_per_split, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                       WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile over the K tiles of split program_id(2)."""
@@ -86,15 +86,17 @@ def _scaled_mm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, strid
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     first = tl.program_id(2) * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    acc_dtype: tl.constexpr = tl.int32 if x_ptr.dtype.element_ty == tl.int8 else tl.float32
     acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if WEIGHTS_AS_A else (BLOCK_M, BLOCK_N)
-    acc = tl.zeros(acc_shape, dtype=acc_dtype)
+    if IS_INT:  # int8 sums are exact in int32
+        acc = tl.zeros(acc_shape, dtype=tl.int32)
+    else:
+        acc = tl.zeros(acc_shape, dtype=tl.float32)
     mask_m, mask_n = (offs_m < M)[:, None], (offs_n < N)[:, None]
     for t in range(first, last):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = (offs_k < K)[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m & mask_k, other=0)
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n & mask_k, other=0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m & mask_k, other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n & mask_k, other=0.0)
         if WEIGHTS_AS_A:
             acc = tl.dot(w, tl.trans(x), acc)
         else:
@@ -209,7 +211,8 @@ def scaled_mm_triton(xq, xscale, wq, wscale, bias, config=None):
         return y.reshape(*xq.shape[:-1], n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     _scaled_mm_kernel[grid](x2, xs, wq, wscale, bias, y, m, n, k, x2.stride(0), y.stride(0),
-                            tiles_per_split, HAS_BIAS=bias is not None, ATOMIC=split > 1,
+                            tiles_per_split, IS_INT=xq.dtype == torch.int8, HAS_BIAS=bias is not None,
+                            ATOMIC=split > 1,
                             WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], BLOCK_M=block_m, BLOCK_N=block_n,
                             BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*xq.shape[:-1], n)
