@@ -20,7 +20,8 @@ at memory bandwidth for small M, so as in ``w4a16``:
     fills every SM with enough bytes in flight.
   * With WEIGHTS_AS_A the kernel computes y.T = W @ x.T: the weights fill the MMA's M side (64+
     rows, what wgmma needs) and the few tokens its N side (>= 16), instead of padding M to 64.
-Configs come per (M bucket, N, K) from ``configs/scaled_mm_<gpu>.json`` or ``default_config``.
+Configs come per (M bucket, N, K) from ``configs/scaled_mm_<gpu>.json`` or ``default_config``;
+int8 and fp8 share them (the same bytes stream through MMAs of the same rate, IGMMA / QGMMA).
 ``bench_linear`` builds the whole quantized linear (activation quant + GEMM) for benchmarks.
 """
 import functools
@@ -124,7 +125,7 @@ def _bucket(m: int) -> int:
 
 
 def _load_tables() -> dict:
-    """{device name: {"kind,N,K": {"M bucket": config}}} from configs/scaled_mm_*.json."""
+    """{device name: {"N,K": {"M bucket": config}}} from configs/scaled_mm_*.json."""
     tables = {}
     for path in sorted(CONFIG_DIR.glob("scaled_mm_*.json")):
         data = json.loads(path.read_text())
@@ -159,10 +160,10 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
                 WEIGHTS_AS_A=swap, num_warps=4, num_stages=4)
 
 
-def get_config(m: int, n: int, k: int, kind: str, device: torch.device) -> dict:
+def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
     name, sms = _device_info(device)
     table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
-    return table.get(f"{kind},{n},{k}", {}).get(str(_bucket(m))) or default_config(m, n, k, sms)
+    return table.get(f"{n},{k}", {}).get(str(_bucket(m))) or default_config(m, n, k, sms)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -199,7 +200,7 @@ def scaled_mm_triton(xq, xscale, wq, wscale, bias, config=None):
         x2 = x2.contiguous()
     wq = wq.contiguous()
     m = x2.shape[0]
-    cfg = config or get_config(m, n, k, "int8" if xq.dtype == torch.int8 else "fp8", xq.device)
+    cfg = config or get_config(m, n, k, xq.device)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     assert all(b > 0 and b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
     assert min(block_m, block_n) >= 16 and block_k >= 32, cfg  # 8-bit MMAs: K steps of 32
@@ -220,21 +221,30 @@ def scaled_mm_triton(xq, xscale, wq, wscale, bias, config=None):
 
 # --------------------------------------------------------------------------- benchmarks, tuning
 
-def bench_linear(m: int, n: int, k: int, kind: str, dtype=torch.float16, config=None):
-    """A zero-arg callable running one whole quantized linear on CUDA: ``hsd::quantize_per_token``
-    of random non-zero [m, k] activations, then the scaled GEMM against random non-zero [n, k]
-    weights (kind "int8" for W8A8, "fp8" for FP8), as the graph runs it. Time it with
-    ``hsd.kernels.timing.bench_us``."""
+def bench_linear(m: int, n: int, k: int, kind: str, dtype=torch.float16, config=None, device="cuda"):
+    """A zero-arg callable running one whole quantized linear: ``hsd::quantize_per_token`` of
+    random non-zero [m, k] activations, then the scaled GEMM against random non-zero [n, k]
+    weights (kind "int8" for W8A8, "fp8" for FP8), as the graph runs it; it returns y. Time it
+    with ``hsd.kernels.timing.bench_us``."""
     from hsd.kernels import act_quant
-    g = torch.Generator(device="cuda").manual_seed(0)
-    wq, wscale = quantize_weight(torch.randn(n, k, device="cuda", dtype=dtype, generator=g), kind)
-    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    wq, wscale = quantize_weight(torch.randn(n, k, device=device, dtype=dtype, generator=g), kind)
+    x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
     return lambda: scaled_mm_triton(*act_quant.quantize_per_token_triton(x, kind), wq, wscale, None, config)
 
 
-def bench_anchor(m: int, n: int, k: int, kind: str, dtype=torch.float16):
+def _bench_inputs(m, n, k, kind, dtype=torch.float16, device="cuda"):
+    """(xq, xscale, wq, wscale) of random non-zero data, for timing the GEMM alone."""
+    from hsd.kernels import act_quant
+    wq, wscale = quantize_weight(torch.randn(n, k, device=device, dtype=dtype), kind)
+    xq, xscale = act_quant.quantize_per_token_reference(torch.randn(m, k, device=device, dtype=dtype), kind)
+    return xq, xscale, wq, wscale
+
+
+def bench_anchor(m: int, n: int, k: int, kind: str, dtype=torch.bfloat16):
     """torch's own 8-bit GEMMs on the same shape (no activation quant): ``torch._int_mm`` (int8,
-    int32 out, no epilogue; needs M > 16, so M is padded to 32) or ``torch._scaled_mm`` (fp8)."""
+    int32 out, no epilogue; needs M > 16, so M is padded to 32) or ``torch._scaled_mm`` (fp8,
+    row-wise scales, bf16 out: what it supports with per-token / per-channel scales)."""
     w = torch.randn(n, k, device="cuda", dtype=dtype)
     if kind == "int8":
         x, wt = torch.ones(max(m, 32), k, device="cuda", dtype=torch.int8), quantize_weight(w, kind)[0].t()
@@ -245,49 +255,52 @@ def bench_anchor(m: int, n: int, k: int, kind: str, dtype=torch.float16):
     return lambda: torch._scaled_mm(x, wq.t(), scale_a=xs, scale_b=ws, out_dtype=dtype)
 
 
-def candidate_configs(m: int, n: int, k: int):
-    """The configs ``tune`` tries: a few tiles times a few K splits."""
+def candidate_configs(m: int, n: int, k: int, sms: int = 132):
+    """The configs ``tune`` tries: a few tiles times the K splits that give 1..8 programs per SM
+    (fewer leave SMs idle, more only add atomics)."""
     block_m = max(16, triton.next_power_of_2(min(m, 64)))
     tiles = [(block_m, bn, bk, True, w, s) for bn, bk, w, s in
-             ((64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 256, 8, 3))]
+             ((64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3))]
     if m > 16:
-        tiles += [(block_m, bn, 128, False, 4, 4) for bn in (64, 128)]
-    k_tiles = triton.cdiv(k, 128)
+        tiles += [(block_m, 128, 128, False, 4, 4)]
     for block_m, block_n, block_k, swap, warps, stages in tiles:
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        k_tiles = triton.cdiv(k, block_k)
         for split in (1, 2, 4, 8, 16):
-            if split == 1 or k_tiles * 128 // block_k // split >= 2:
+            if (split == 1 or k_tiles // split >= 2) and (sms <= programs * split <= 8 * sms
+                                                        or split == 1 and programs > 8 * sms):
                 yield dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
                            WEIGHTS_AS_A=swap, num_warps=warps, num_stages=stages)
 
 
-def tune(shapes, kinds=("int8", "fp8"), m_buckets=M_BUCKETS, path=None, rep_ms: int = 5,
+def tune(shapes, m_buckets=M_BUCKETS, kind: str = "int8", path=None, rep_ms: int = 5,
          budget_s: float = math.inf, verbose: bool = True):
-    """Time ``candidate_configs`` per (kind, N, K, M bucket) on this GPU and write the fastest to
-    ``path`` (default configs/scaled_mm_<gpu>.json) after every shape; stops after ``budget_s``."""
+    """Time ``candidate_configs`` per (M bucket, N, K) on this GPU (GEMM only, ``kind``
+    operands) and write the fastest to ``path`` (default configs/scaled_mm_<gpu>.json) after
+    every M bucket; stops trying configs after ``budget_s`` seconds."""
     import time
     start = time.perf_counter()
-    name = _device_info(torch.device("cuda"))[0]
+    name, sms = _device_info(torch.device("cuda"))
     slug = next((w for w in name.lower().replace("-", " ").split() if any(c.isdigit() for c in w)), "gpu")
     path = pathlib.Path(path or CONFIG_DIR / f"scaled_mm_{slug}.json")
     table = _TABLES.setdefault(name, {})
-    for kind in kinds:
+    for m in m_buckets:
         for n, k in shapes:
-            entry = table.setdefault(f"{kind},{n},{k}", {})
-            for m in m_buckets:
-                best = (math.inf, None)
-                for cfg in candidate_configs(m, n, k):
-                    if time.perf_counter() - start > budget_s:
-                        break
-                    try:
-                        us = bench_us(bench_linear(m, n, k, kind, config=cfg), warmup=2, rep=rep_ms)
-                    except Exception as e:  # e.g. out of shared memory on this GPU
-                        if verbose:
-                            print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                        continue
-                    best = min(best, (us, cfg), key=lambda b: b[0])
-                if best[1] is not None:
-                    entry[str(m)] = best[1]
-                if verbose:
-                    print(f"{kind} N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
-            path.write_text(json.dumps({"device": name, "configs": table}, indent=1))
+            gemm = _bench_inputs(m, n, k, kind)
+            best = (math.inf, None)
+            for cfg in candidate_configs(m, n, k, sms):
+                if time.perf_counter() - start > budget_s:
+                    break
+                try:
+                    us = bench_us(lambda: scaled_mm_triton(*gemm, None, cfg), warmup=2, rep=rep_ms)
+                except Exception as e:  # e.g. out of shared memory on this GPU
+                    if verbose:
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                best = min(best, (us, cfg), key=lambda b: b[0])
+            if best[1] is not None:
+                table.setdefault(f"{n},{k}", {})[str(m)] = best[1]
+            if verbose:
+                print(f"tune N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
+        path.write_text(json.dumps({"device": name, "configs": table}, indent=1))
     return path
