@@ -183,3 +183,16 @@ def test_fp8_refuses_an_old_gpu_before_any_kernel(monkeypatch):
     with pytest.raises(ValueError, match="'fp8' needs a GPU of compute capability 8.9.*A100 is 8.0"):
         FP8().check_device("cuda")
     FP8().check_device("cpu")  # the reference runs on the CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["w8a8", "fp8"])
+def test_cuda_engine_matches_rtn_reference(quant):
+    """Inductor + CUDA graphs around the Triton kernels, against plain transformers doing the
+    same round-to-nearest quantization (SmoothQuant off: the reference does not smooth)."""
+    config = testing.tiny_config("llama", hidden_size=128, intermediate_size=256, head_dim=32)
+    model = testing.tiny_model(config, dtype=torch.float16).cuda()
+    ids = testing.random_ids(config, length=9).cuda()
+    engine = hsd.compile(model, quant=quant, smooth_alpha=None, max_seq_len=64, prefill_chunk=16)
+    testing.assert_engine_matches_model(engine, rtn_reference(model, quant), ids, min_sqnr_db=30)
+    assert engine.generate(ids, max_new_tokens=4).shape == (1, 13)
