@@ -54,9 +54,10 @@ def quantize_weight(w: torch.Tensor, kind: str):
     dtype, top = check_kind(kind)
     scale = (w.detach().float().abs().amax(1) / top).to(w.dtype).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero (or underflowing) rows
-    q = w.detach().float() / scale[:, None]
+    # the rounded scale may be a hair under max|w| / top: clamp, as e4m3 has no values past 448
+    q = (w.detach().float() / scale[:, None]).clamp(-top, top)
     if dtype == torch.int8:
-        q = torch.round(q).clamp(-top, top)
+        q = torch.round(q)
     return q.to(dtype), scale.to(w.dtype)
 
 
