@@ -29,7 +29,8 @@ def check_kind(kind: str):
 @registry.register("quantize_per_token", "cpu", "reference")
 def quantize_per_token_reference(x: torch.Tensor, kind: str):
     dtype, top = check_kind(kind)
-    scale = x.float().abs().amax(-1).clamp(min=1e-8) / top
+    amax = x.float().abs().amax(-1).clamp(min=1e-8)
+    scale = amax / torch.full_like(amax, top)  # on CUDA, "/ top" would multiply by 1 / top
     q = x.float() / scale[..., None]
     if dtype == torch.int8:
         q = torch.round(q).clamp(-top, top)

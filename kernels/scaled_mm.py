@@ -99,10 +99,10 @@ def _scaled_mm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, strid
         mask_k = (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m & mask_k, other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n & mask_k, other=0.0)
-        if WEIGHTS_AS_A:
-            acc = tl.dot(w, tl.trans(x), acc)
+        if WEIGHTS_AS_A:  # out_dtype: Triton 3.6 defaults it to fp32 even for int8 operands
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=acc.dtype)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc.dtype)
     if WEIGHTS_AS_A:
         acc = tl.trans(acc)
     xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)

@@ -59,6 +59,15 @@ def test_reference_sqnr(kind, lo):
     assert lo < sqnr_db(x, dequantize(q, s)) < lo + 8
 
 
+def test_reference_divides_exactly():
+    """The scale is max|x| / 127 correctly rounded on every device (CUDA's "tensor / scalar"
+    multiplies by the reciprocal, which can differ in the last bit): what the kernel computes."""
+    x = torch.tensor([[1.0, -3.0], [0.7, 0.2], [5e-3, 1.0]])
+    _, s = quantize_per_token_reference(x, "int8")
+    expected = [a / 127.0 for a in (3.0, 0.7, 1.0)]  # float64, then rounded once
+    assert torch.equal(s, torch.tensor(expected, dtype=torch.float64).float())
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="unknown activation quantization 'int2'"):
         quantize_per_token_triton(torch.randn(2, 8), "int2")

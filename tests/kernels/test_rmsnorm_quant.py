@@ -73,7 +73,7 @@ def test_gpu_matches_reference(kind, dtype):
         x, w = case(m, k, m, dtype, "cuda")
         q, s = rmsnorm_quant_triton(x, w, 1e-5, kind)
         q_ref, s_ref = rmsnorm_quant_reference(x, w, 1e-5, kind)
-        torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(s, s_ref, rtol=8e-3, atol=0)  # a flip of the 16-bit max
         y, y_ref = dequantize(q, s), dequantize(q_ref, s_ref)
         # torch's rsqrt is approximate on CUDA: a last-bit change of the 16-bit normed value can
         # move an element one quantization step (an int8 step, or e4m3's 1/8 relative spacing)
