@@ -1,7 +1,7 @@
 """``hsd.compile``: the one call that turns a Hugging Face causal LM into an engine."""
 import torch
 
-from hsd.calibration import random_ids
+from hsd import calibration as hsd_calibration
 from hsd.capture import check_supported
 from hsd import spec as hsd_spec
 from hsd.engine import Engine
@@ -10,6 +10,8 @@ from hsd.lowering import BACKENDS, default_backend
 from hsd.passes import (QUANT_SCHEMES, FuseSiblingLinears, LoadWeights, PassManager, QuantizeLinear,
                         RewriteAttention, as_pass)
 from hsd.passes import gptq
+from hsd.passes.norm import FuseRMSNormQuant
+from hsd.passes.smoothquant import SmoothQuant, activation_absmax
 
 QUANTIZERS = ("rtn", "gptq")
 
@@ -18,7 +20,7 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
             batch_size: int = 1, prefill_chunk: int = 128, group_size: int = 128, fuse: bool = True,
             backend=None, dump_graphs=None, spec=None, draft=None, spec_config=None, draft_quant=None,
             weights=None, intermediate=None, intermediate_quant=None, quantizer: str = "rtn",
-            calibration=None, act_order: bool = False):
+            calibration=None, tokenizer=None, act_order: bool = False, smooth_alpha=0.5):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
@@ -41,6 +43,11 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     ``intermediate`` is a smaller LM compiled with ``intermediate_quant`` and ``draft`` an EAGLE
     head for it); ``spec_config`` its settings dataclass (``hsd.spec.DraftConfig``,
     ``hsd.spec.QSpecConfig``, ``hsd.eagle2.Eagle2Config``, ``hsd.hierarchical.HierarchicalConfig``).
+    ``quant="w8a8"`` / ``"fp8"``: 8-bit per-channel weights and per-token activations
+    (``hsd.passes.scaled``); RMSNorm + activation quantization fuse (``FuseRMSNormQuant``). w8a8
+    first runs ``SmoothQuant(alpha=smooth_alpha)`` (None: off) on statistics of ``calibration``
+    (token ids [n, T]; default: the embedded text through ``tokenizer`` if given, else random ids).
+
     Returns an ``Engine`` or, with ``spec``, an ``hsd.spec.Speculative``.
     """
     if quant is not None and quant not in QUANT_SCHEMES:
@@ -65,12 +72,20 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     else:
         model = model.to(dtype=dtype, device=device)
         dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    hessians = _gptq_hessians(model, calibration) if quantizer == "gptq" else None
+    if quant is not None:
+        QUANT_SCHEMES[quant].check_device(device or "cpu")
+        smooth = getattr(QUANT_SCHEMES[quant], "smoothquant", False) and smooth_alpha is not None
+        if smooth and not next(model.parameters()).is_meta:  # pre-quantized weights come smoothed
+            ids = _calibration_ids(model, calibration, tokenizer)
+            builtin.append(SmoothQuant(activation_absmax(model, ids), smooth_alpha))
+    hessians = None
+    if quantizer == "gptq":
+        hessians = gptq.hessians(model, _calibration_ids(model, calibration, tokenizer))
     if fuse:
         builtin.append(FuseSiblingLinears())
     if quant is not None:
-        builtin.append(QuantizeLinear(quant, group_size=group_size, prequantized=weights,
-                                      hessians=hessians, act_order=act_order))
+        builtin += [QuantizeLinear(quant, group_size=group_size, prequantized=weights, hessians=hessians,
+                                   act_order=act_order), FuseRMSNormQuant()]
     cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, dtype, device)
     engine = Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
                     backend or default_backend(torch.device(device)), min(prefill_chunk, max_seq_len))
@@ -99,9 +114,12 @@ def _check_quantizer(quantizer, quant, calibration, act_order):
                          f"got quant={quant!r}")
 
 
-def _gptq_hessians(model, calibration):
-    ids = calibration if calibration is not None else random_ids(model.config)  # the default calibration set
-    return gptq.hessians(model, ids)
+def _calibration_ids(model, calibration, tokenizer):
+    if calibration is not None:
+        return calibration
+    if tokenizer is not None:
+        return hsd_calibration.text_ids(tokenizer)
+    return hsd_calibration.random_ids(model.config)
 
 
 def _meta_weights(model, weights, quant, dtype, device):

@@ -6,8 +6,11 @@ module name, which is what ``node.meta["hsd_module"]`` (and ``"hsd_parts"`` afte
 in the captured graphs.
 """
 import contextlib
+import pathlib
 
 import torch
+
+TEXT = pathlib.Path(__file__).with_name("calibration.txt")  # prose, code and numbers of our own
 
 
 def linear_inputs(model: torch.nn.Module, input_ids: torch.Tensor, observe, batch: int = 1,
@@ -36,3 +39,16 @@ def random_ids(config, n: int = 8, length: int = 128, seed: int = 0) -> torch.Te
     """Uniform random token ids: the calibration set of a synthetic model without a tokenizer."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, config.vocab_size, (n, length), generator=g)
+
+
+def text_ids(tokenizer, length: int = 128) -> torch.Tensor:
+    """The embedded calibration text (``calibration.txt``) as token ids [n, length], split into
+    full rows. ``tokenizer``: a Hugging Face tokenizer or a path/name to load one from."""
+    if isinstance(tokenizer, (str, pathlib.Path)):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    ids = torch.tensor(tokenizer(TEXT.read_text())["input_ids"], dtype=torch.long).reshape(-1)
+    n = ids.numel() // length
+    if n == 0:
+        raise ValueError(f"the calibration text is {ids.numel()} tokens, fewer than one row of {length}")
+    return ids[:n * length].reshape(n, length)

@@ -50,7 +50,8 @@ def generate(args):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = hsd.compile(args.model, quant=args.quant, dtype=dtype, device=args.device,
                          max_seq_len=args.max_seq_len, spec=args.spec, draft=args.draft,
-                         intermediate=args.intermediate, intermediate_quant=args.intermediate_quant)
+                         intermediate=args.intermediate, intermediate_quant=args.intermediate_quant,
+                         tokenizer=tokenizer)  # calibration (SmoothQuant) on the embedded text
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     out = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           eos_token_id=tokenizer.eos_token_id)

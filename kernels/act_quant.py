@@ -6,9 +6,14 @@ Kinds (symmetric, one fp32 scale per token, scale = max|x| / top):
           registers and run on the int8 MMA (their speed is W4A8's; their accuracy is 4-bit's)
   "fp8"   q float8_e4m3fn, |q| <= 448
 The GEMMs of the W8A8 / W4A8 / W4A4 / FP8 schemes take (q, scale) and apply the scale in their
-epilogue. This file holds the torch reference; CUDA kernels register themselves beside it.
+epilogue. This file holds the torch reference and a Triton kernel (one program per token).
+The kernel reproduces the reference bit for bit: IEEE division (``div_rn``, not the fast
+approximate one) and round-half-to-even, as torch.round does. (The interpreter's fp32 -> e4m3
+cast is wrong for some values, so the fp8 kind is checked against the reference on a GPU only.)
 """
 import torch
+import triton
+import triton.language as tl
 
 from hsd.kernels import registry
 
@@ -24,7 +29,8 @@ def check_kind(kind: str):
 @registry.register("quantize_per_token", "cpu", "reference")
 def quantize_per_token_reference(x: torch.Tensor, kind: str):
     dtype, top = check_kind(kind)
-    scale = x.float().abs().amax(-1).clamp(min=1e-8) / top
+    amax = x.float().abs().amax(-1).clamp(min=1e-8)
+    scale = amax / torch.full_like(amax, top)  # on CUDA, "/ top" would multiply by 1 / top
     q = x.float() / scale[..., None]
     if dtype == torch.int8:
         q = torch.round(q).clamp(-top, top)
@@ -33,3 +39,57 @@ def quantize_per_token_reference(x: torch.Tensor, kind: str):
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[..., None]
+
+
+@triton.jit
+def quantize_block(v, scale, TOP: tl.constexpr, IS_INT: tl.constexpr):
+    """v / scale rounded like the reference: to even integers in -TOP..TOP, or to e4m3 (whose
+    cast rounds to nearest even). Shared with the fused RMSNorm kernel."""
+    q = tl.math.div_rn(v, tl.zeros_like(v) + scale)
+    if IS_INT:
+        # adding and removing 1.5 * 2**23 rounds half to even (|q| <= TOP is far below 2**22);
+        # libdevice's rint would too, but the interpreter lacks it
+        q = tl.minimum(tl.maximum(q, -TOP), TOP)
+        q = ((q + 12582912.0) - 12582912.0).to(tl.int8)
+    else:
+        q = q.to(tl.float8e4nv)
+    return q
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, TOP: tl.constexpr,
+                               IS_INT: tl.constexpr, BLOCK: tl.constexpr):
+    """Row program_id(0): absmax over K in BLOCK chunks, then quantize the chunks (a row of a
+    decode step is a few KB, so the second read hits L1/L2)."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-8), TOP)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row.to(tl.int64) * K + offs, quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
+    tl.store(s_ptr + row, scale)
+
+
+@registry.register("quantize_per_token", "cuda", "triton")
+@registry.register("quantize_per_token", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
+def quantize_per_token_triton(x: torch.Tensor, kind: str, block: int = 4096):
+    dtype, top = check_kind(kind)
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(f"quantize_per_token: x must be a float tensor [..., K], got {x.dtype} {tuple(x.shape)}")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q = torch.empty(x2.shape, device=x.device, dtype=dtype)
+    scale = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
+    if x2.numel():
+        block = min(block, triton.next_power_of_2(k))
+        _quantize_per_token_kernel[(x2.shape[0],)](x2, q, scale, k, x2.stride(0), TOP=top,
+                                                   IS_INT=dtype == torch.int8, BLOCK=block,
+                                                   num_warps=4 if block <= 1024 else 8)
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])

@@ -12,6 +12,8 @@ from hsd.kernels import act_quant as _act_quant  # noqa: F401  (registers implem
 from hsd.kernels import attention as _attention  # noqa: F401
 from hsd.kernels import hadamard as _hadamard  # noqa: F401
 from hsd.kernels import registry
+from hsd.kernels import rmsnorm_quant as _rmsnorm_quant  # noqa: F401
+from hsd.kernels import scaled_mm as _scaled_mm  # noqa: F401
 from hsd.kernels import w4a16 as _w4a16  # noqa: F401
 
 
@@ -73,3 +75,25 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 def _(x):
     _hadamard.split_size(x.shape[-1])  # an unsupported size fails at trace time, naming it
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hsd::scaled_mm", mutates_args=())
+def scaled_mm(xq: torch.Tensor, xscale: torch.Tensor, wq: torch.Tensor, wscale: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return registry.lookup("scaled_mm", xq.device.type)(xq, xscale, wq, wscale, bias)
+
+
+@scaled_mm.register_fake
+def _(xq, xscale, wq, wscale, bias):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=wscale.dtype)  # output dtype = wscale's
+
+
+@torch.library.custom_op("hsd::rmsnorm_quant", mutates_args=())
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return registry.lookup("rmsnorm_quant", x.device.type)(x, weight, eps, kind)
+
+
+@rmsnorm_quant.register_fake
+def _(x, weight, eps, kind):
+    dtype, _ = _act_quant.check_kind(kind)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)

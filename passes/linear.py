@@ -110,6 +110,9 @@ class Scheme:
     def check(self, module: str, n: int, k: int, group_size: int):
         """Raise ValueError (naming ``module``) if this scheme cannot quantize an [n, k] weight."""
 
+    def check_device(self, device):
+        """Raise ValueError if this scheme's kernels cannot run on ``device`` (before any run)."""
+
     def quantize(self, w: torch.Tensor, group_size: int, symmetric: bool) -> tuple:
         raise NotImplementedError
 
@@ -219,6 +222,7 @@ class QuantizeLinear(Pass):
                 and (self.include_lm_head or n.meta.get("hsd_module") != "lm_head")]
         for node in todo:
             w = _fetch(gm, _weight(node)[0])
+            self.scheme.check_device(w.device)
             if not w.is_meta:  # pre-quantized tensors carry their own group size; load checks them
                 self.scheme.check(node.meta.get("hsd_module", node.name), *w.shape, self.group_size)
                 self._hessian(_parts(node), w)
