@@ -28,7 +28,7 @@ import triton.language as tl
 
 from hsd.kernels import registry, w4a16
 from hsd.kernels.timing import bench_us
-from hsd.kernels.w4a16 import _interleave_rows, _k_range, _load_tile, _write
+from hsd.kernels.w4a16 import _k_range, _load_tile, _write
 
 M_BUCKETS = w4a16.M_BUCKETS
 
@@ -45,22 +45,45 @@ registry.register("w4a8_linear", "cpu", "reference")(w4a8_linear_reference)
 
 
 @triton.jit
-def _nibble(q, i: tl.constexpr):
-    return ((q >> (4 * i)) & 0xF).to(tl.int8)
+def _load_bytes(qw_ptr, k0, K, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed words of rows k0 .. k0 + BLOCK_K, columns of this program, as bytes
+    [BLOCK_K // 8, BLOCK_N, 4]: byte j of word (r, n) holds nibbles 2 j (low) and 2 j + 1
+    (high), i.e. k = 8 r + 2 j and 8 r + 2 j + 1. Loaded as rows of 4 BLOCK_N contiguous bytes,
+    so the loads are 16 bytes wide."""
+    rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    cols = tl.program_id(1) * BLOCK_N * 4 + tl.arange(0, BLOCK_N * 4)
+    mask = (rows < K // 8)[:, None] & (cols < N * 4)[None, :]
+    b = tl.load(qw_ptr.to(tl.pointer_type(tl.int8)) + rows[:, None] * (N * 4) + cols[None, :],
+                mask=mask, other=0)
+    return tl.reshape(b, (BLOCK_K // 8, BLOCK_N, 4))
 
 
 @triton.jit
-def _unpack_int8(q):
-    """int32 words [R, BLOCK_N] -> int8 nibbles [8 R, BLOCK_N] in 0..15 with row 8 r + i =
-    nibble i of word r: the natural k order, so activations load as they lie. Three row
-    interleaves (``w4a16._interleave_rows``), innermost the highest bit of i."""
-    a0 = _interleave_rows(_nibble(q, 0), _nibble(q, 4))  # row 2 r + i // 4
-    a1 = _interleave_rows(_nibble(q, 1), _nibble(q, 5))
-    a2 = _interleave_rows(_nibble(q, 2), _nibble(q, 6))
-    a3 = _interleave_rows(_nibble(q, 3), _nibble(q, 7))
-    b0 = _interleave_rows(a0, a2)                        # row 4 r + (i // 4) * 2 + (i // 2) % 2
-    b1 = _interleave_rows(a1, a3)
-    return _interleave_rows(b0, b1)                      # row 8 r + i
+def _split_nibbles(b, ASM: tl.constexpr):
+    """bytes -> (low nibbles, high nibbles) as int8 in 0..15. On the GPU one instruction per
+    register of 4 bytes each (inline PTX: and / shift on the whole 32-bit word); the interpreter
+    cannot run PTX and takes the plain per-byte form."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "and.b32 $0, $2, 0x0F0F0F0F; shr.b32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F;",
+            "=r,=r,r", [b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        return b & 0xF, (b >> 4) & 0xF
+
+
+@triton.jit
+def _rows(w):
+    """[R, BLOCK_N, 4] -> [4 R, BLOCK_N], row 4 r + j."""
+    w = tl.permute(w, (0, 2, 1))
+    return tl.reshape(w, (w.shape[0] * 4, w.shape[2]))
+
+
+@triton.jit
+def _idot(x, w, WEIGHTS_AS_A: tl.constexpr):
+    if WEIGHTS_AS_A:
+        return tl.trans(tl.dot(tl.trans(w), tl.trans(x), out_dtype=tl.int32))
+    else:
+        return tl.dot(x, w, out_dtype=tl.int32)
 
 
 # M and the split length only bound loops and masks: one compiled kernel serves every value
@@ -68,8 +91,8 @@ def _unpack_int8(q):
 def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
                  stride_ym, tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                  HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, ATOMIC: tl.constexpr,
-                 WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 WEIGHTS_AS_A: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y over the K tiles of split tl.program_id(2).
 
     WEIGHTS_AS_A computes y.T = W @ x.T: with BLOCK_M >= 64 Triton uses Hopper's wgmma, which
@@ -82,16 +105,20 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, st
     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # per-channel: the whole split in int32
     for t in range(first, last):
         k0 = t * BLOCK_K
-        q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
+        # the tile's zero point and scale ([1, BLOCK_N] fp32); its words (unused, so never
+        # loaded) come as bytes from _load_bytes
+        _, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, True, BLOCK_K, tl.float32)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
-        w = _unpack_int8(q)
-        if WEIGHTS_AS_A:
-            dot = tl.trans(tl.dot(tl.trans(w), tl.trans(x), out_dtype=tl.int32))
-        else:
-            dot = tl.dot(x, w, out_dtype=tl.int32)
+        lo, hi = _split_nibbles(_load_bytes(qw_ptr, k0, K, N, BLOCK_N, BLOCK_K), ASM)
+        if BLOCK_K >= 64:  # two dots, over the even and the odd k
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            dot = _idot(x_even, _rows(lo), WEIGHTS_AS_A) + _idot(x_odd, _rows(hi), WEIGHTS_AS_A)
+        else:  # the int8 MMA needs K >= 32 per dot: one dot over the k in their natural order
+            w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
+            dot = _idot(x, w, WEIGHTS_AS_A)
         # sum_k x * (q - zero) = sum_k x * q - zero * sum_k x
         dot -= zero.to(tl.int32) * tl.sum(x.to(tl.int32), axis=1)[:, None]
         if PER_CHANNEL:
@@ -199,7 +226,8 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
     _w4a8_kernel[grid](x2, xs, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
                        tiles_per_split, G=group_size, HAS_ZEROS=zeros is not None,
                        HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, ATOMIC=split > 1,
-                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), BLOCK_M=block_m,
+                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), 
+                       ASM=xq.is_cuda, BLOCK_M=block_m,
                        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"])
     return y.reshape(*xq.shape[:-1], n)
