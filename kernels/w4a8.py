@@ -79,11 +79,12 @@ def _rows(w):
 
 
 @triton.jit
-def _idot(x, w, WEIGHTS_AS_A: tl.constexpr):
+def _idot(x, w, acc, WEIGHTS_AS_A: tl.constexpr):
+    """acc + x @ w in int32, or through its transpose when the weights are the A operand."""
     if WEIGHTS_AS_A:
-        return tl.trans(tl.dot(tl.trans(w), tl.trans(x), out_dtype=tl.int32))
+        return tl.trans(tl.dot(tl.trans(w), tl.trans(x), tl.trans(acc), out_dtype=tl.int32))
     else:
-        return tl.dot(x, w, out_dtype=tl.int32)
+        return tl.dot(x, w, acc, out_dtype=tl.int32)
 
 
 # M and the split length only bound loops and masks: one compiled kernel serves every value
@@ -113,14 +114,16 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, st
         x = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
         lo, hi = _split_nibbles(_load_bytes(qw_ptr, k0, K, N, BLOCK_N, BLOCK_K), ASM)
+        # sum_k x (q - zero) = sum_k x q - zero sum_k x: the dots start from the second term
+        dot = tl.broadcast_to(-zero.to(tl.int32) * tl.sum(x.to(tl.int32), axis=1)[:, None],
+                              (BLOCK_M, BLOCK_N))
         if BLOCK_K >= 64:  # two dots, over the even and the odd k
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            dot = _idot(x_even, _rows(lo), WEIGHTS_AS_A) + _idot(x_odd, _rows(hi), WEIGHTS_AS_A)
+            dot = _idot(x_even, _rows(lo), dot, WEIGHTS_AS_A)
+            dot = _idot(x_odd, _rows(hi), dot, WEIGHTS_AS_A)
         else:  # the int8 MMA needs K >= 32 per dot: one dot over the k in their natural order
             w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
-            dot = _idot(x, w, WEIGHTS_AS_A)
-        # sum_k x * (q - zero) = sum_k x * q - zero * sum_k x
-        dot -= zero.to(tl.int32) * tl.sum(x.to(tl.int32), axis=1)[:, None]
+            dot = _idot(x, w, dot, WEIGHTS_AS_A)
         if PER_CHANNEL:
             part += dot
         else:
