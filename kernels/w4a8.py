@@ -295,7 +295,12 @@ def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, rep_ms
             for cfg in candidate_configs(m, n, k):
                 fn = functools.partial(w4a8_linear_triton, xq[:m], xs[:m], qweight, scales, None,
                                        None, group_size, cfg)
-                us = bench_us(fn, warmup=2, rep=rep_ms)
+                try:
+                    us = bench_us(fn, warmup=2, rep=rep_ms)
+                except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
+                    if verbose:
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
                 best = min(best, (us, cfg), key=lambda b: b[0])
             table.setdefault(f"{n},{k}", {})[str(m)] = best[1]
             if verbose:
