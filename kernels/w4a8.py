@@ -8,15 +8,21 @@ Activations: per-token int8 from ``hsd::quantize_per_token`` (``hsd.kernels.act_
 "int8" (-127..127) or "int4" (-7..7, still int8 in memory). Hopper has no int4 MMA, so W4A4 runs
 this very kernel: it costs what W4A8 costs, only its accuracy differs.
 
-The math, per tile of BLOCK_K rows of K (BLOCK_K = G; per-channel G = K: any multiple of 32):
-    part[m, n] = sum_k xq[m, k] * q[k, n]              int8 x int8 -> int32 MMA, q = nibble 0..15
-    part      -= zero[g, n] * sum_k xq[m, k]           the zero point, once per tile (exact, int32)
+The math, per tile of BLOCK_K rows of K (BLOCK_K = G; per-channel G = K: a multiple of 32):
+    part[m, n] = -zero[g, n] * sum_k xq[m, k]          the zero point: seeds the int32 accumulator
+    part      += sum_k xq[m, k] * q[k, n]              int8 x int8 -> int32 MMA, q = nibble 0..15
     acc       += part * scale[g, n]                    fp32, the per-group ("second-level") scale
     y          = acc * xscale[m] + bias
-Unpacking a nibble to an int8 is one shift and one mask, and the zero point never touches the
-BLOCK_K x BLOCK_N weights: it is applied to the BLOCK_M x BLOCK_N partial product instead. With
-per-channel scales the whole K is summed in int32 (|sum| < 127 * 15 * K fits for K < 1.1M) and
-scaled once at the end. Small M splits K over programs that add into y atomically (as W4A16).
+So the zero point never touches the BLOCK_K x BLOCK_N weights, only the BLOCK_M x BLOCK_N partial
+product. With per-channel scales the whole K sums in int32 (|sum| <= 127 * 15 * K fits for
+K < 1.1M) and is scaled once at the end. Small M splits K over programs that add into y
+atomically (as W4A16); BLOCK_M = 16 serves M = 1 too (the MMA is not the cost, unpacking is).
+
+Unpacking: the weights are loaded as bytes, 16 per thread per load. A 32-bit register of 4 bytes
+becomes 4 low nibbles (one AND) and 4 high nibbles (one shift, one AND) that are directly int8
+MMA operand bytes (inline PTX on the GPU; the interpreter does the same per byte). The low
+nibbles hold k = 8 r + 2 j, the high ones 8 r + 2 j + 1: two dots, against the even and the odd
+columns of x. sass_stats-style check: ``benchmarks/sass_w4a8.py`` (no GPU needed).
 """
 import functools
 import json
