@@ -247,8 +247,8 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
 def candidate_configs(m: int, n: int, k: int):
     """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
     if m <= 16:  # BLOCK_M, BLOCK_N, num_warps, num_stages, WEIGHTS_AS_A
-        tiles = [(16, 64, 4, 4, False), (16, 128, 4, 3, False), (16, 128, 8, 4, False),
-                 (16, 256, 8, 3, False)]
+        tiles = [(16, 64, 4, 4, False), (16, 128, 4, 3, False), (16, 128, 4, 5, False),
+                 (16, 128, 8, 4, False), (16, 256, 8, 3, False)]
     else:
         tiles = [(32, 128, 4, 3, False), (64, 64, 4, 4, True), (64, 128, 4, 3, True),
                  (64, 128, 8, 3, True), (64, 128, 4, 3, False)]
