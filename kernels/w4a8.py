@@ -235,10 +235,9 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
     _w4a8_kernel[grid](x2, xs, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
                        tiles_per_split, G=group_size, HAS_ZEROS=zeros is not None,
                        HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, ATOMIC=split > 1,
-                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), 
-                       ASM=xq.is_cuda, BLOCK_M=block_m,
-                       BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"])
+                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), ASM=xq.is_cuda,
+                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*xq.shape[:-1], n)
 
 

@@ -1,5 +1,7 @@
 """The "w4a8" / "w4a4" schemes and QSpec's LowBitActivations pass: model-level accuracy against
 a plain fake-quantized reference, shared weight storage, bad input."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -49,8 +51,9 @@ def test_scheme_matches_fake_quantized_reference(config, seed, scheme, group_siz
     assert kinds["hsd.w4a16_linear"] == 0 and kinds["linear"] == 1
 
 
-def _quantized(model, ids, *passes):
-    gm, _ = PassManager(list(passes))(hsd.capture.capture(model, *ids.shape))
+def _quantized(model, ids, *passes, captured=None):
+    captured = captured or hsd.capture.capture(model, *ids.shape)
+    gm, _ = PassManager(list(passes))(torch.fx.GraphModule(captured, copy.deepcopy(captured.graph)))
     return gm
 
 
@@ -59,7 +62,9 @@ def test_w4a4_is_less_accurate_than_w4a8():
     model, ids = testing.tiny_model(config), testing.random_ids(config, length=12)
     with torch.no_grad():
         exact = model(ids).logits
-    db = {s: testing.sqnr_db(exact, testing.run_graph(_quantized(model, ids, QuantizeLinear(s, group_size=32)), ids)[0])
+    gm = hsd.capture.capture(model, *ids.shape)
+    db = {s: testing.sqnr_db(exact, testing.run_graph(_quantized(model, ids, QuantizeLinear(s, group_size=32),
+                                                                 captured=gm), ids)[0])
           for s in ("w4a16", "w4a8", "w4a4")}
     assert db["w4a16"] - 1 < db["w4a8"] <= db["w4a16"] + 0.5 and db["w4a4"] < db["w4a8"] - 3, db
 
@@ -97,8 +102,9 @@ def test_low_bit_activations_matches_scheme():
     """W4A16 then LowBitActivations("int8") computes what the "w4a8" scheme computes."""
     config = testing.tiny_config()
     model, ids = testing.tiny_model(config), testing.random_ids(config)
-    draft = _quantized(model, ids, QuantizeLinear("w4a16", group_size=32), LowBitActivations("int8"))
-    scheme = _quantized(model, ids, QuantizeLinear("w4a8", group_size=32))
+    gm = hsd.capture.capture(model, *ids.shape)
+    draft = _quantized(model, ids, QuantizeLinear("w4a16", group_size=32), LowBitActivations("int8"), captured=gm)
+    scheme = _quantized(model, ids, QuantizeLinear("w4a8", group_size=32), captured=gm)
     torch.testing.assert_close(testing.run_graph(draft, ids), testing.run_graph(scheme, ids))
 
 
@@ -108,7 +114,8 @@ def test_bad_input():
     config = testing.tiny_config()
     model = testing.tiny_model(config)
     ids = testing.random_ids(config, length=4)
+    gm = hsd.capture.capture(model, *ids.shape)
     with pytest.raises(PassError, match=r"quantize_linear.*q_proj.*multiple of 32.*got 16"):
-        _quantized(model, ids, QuantizeLinear("w4a8", group_size=16))
+        _quantized(model, ids, QuantizeLinear("w4a8", group_size=16), captured=gm)
     with pytest.raises(PassError, match=r"low_bit_activations.*multiple of 32.*got 16"):
-        _quantized(model, ids, QuantizeLinear("w4a16", group_size=16), LowBitActivations("int4"))
+        _quantized(model, ids, QuantizeLinear("w4a16", group_size=16), LowBitActivations("int4"), captured=gm)
