@@ -168,9 +168,13 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """The table's entry for the smallest tuned M bucket >= m (the table holds a few buckets,
+    e.g. 1, 16, 64: M = 2..16 take 16's), else ``default_config``."""
     name, sms = w4a16._device_info(device)
     table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
-    return table.get(f"{n},{k}", {}).get(str(w4a16._bucket(m))) or default_config(m, n, k, sms)
+    entry = table.get(f"{n},{k}", {})
+    bucket = min((int(b) for b in entry if m <= int(b)), default=None)
+    return entry[str(bucket)] if bucket is not None else default_config(m, n, k, sms)
 
 
 # --------------------------------------------------------------------------- launcher

@@ -179,8 +179,18 @@ def test_config_table_lookup(monkeypatch):
     c = cfg(32, split=4)
     monkeypatch.setattr(w4a8, "_TABLES", {"cpu": {"96,256": {"8": c}}})
     cpu = torch.device("cpu")
-    assert w4a8.get_config(5, 96, 256, cpu) == c          # bucket 8 holds M = 5..8
+    assert w4a8.get_config(1, 96, 256, cpu) == w4a8.get_config(8, 96, 256, cpu) == c  # M <= 8
     assert w4a8.get_config(9, 96, 256, cpu) == w4a8.default_config(9, 96, 256)
+    assert w4a8.get_config(1, 64, 256, cpu) == w4a8.default_config(1, 64, 256)
+
+
+def test_shipped_h100_table():
+    """The table measured on the lent H100 (kernels/configs/w4a8_h100.json) covers the Llama-3-8B
+    linears at M buckets 1, 16, 64, and its configs run."""
+    table = w4a8._load_table()["NVIDIA H100 80GB HBM3"]
+    for shape in ("6144,4096", "4096,4096", "28672,4096", "4096,14336"):
+        assert set(table[shape]) == {"1", "16", "64"}
+    check(make_case(3, 128, 256, 128, True, torch.float16), 128, table["4096,14336"]["1"])
 
 
 def test_tune_picks_the_fastest(tmp_path, monkeypatch):
