@@ -15,6 +15,7 @@ from hsd.kernels import registry
 from hsd.kernels import rmsnorm_quant as _rmsnorm_quant  # noqa: F401
 from hsd.kernels import scaled_mm as _scaled_mm  # noqa: F401
 from hsd.kernels import w4a16 as _w4a16  # noqa: F401
+from hsd.kernels import w4a8 as _w4a8  # noqa: F401
 
 
 @torch.library.custom_op("hsd::w4a16_linear", mutates_args=())
@@ -27,6 +28,20 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 @w4a16_linear.register_fake
 def _(x, qweight, scales, zeros, bias, group_size):
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
+@torch.library.custom_op("hsd::w4a8_linear", mutates_args=())
+def w4a8_linear(xq: torch.Tensor, xscale: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                group_size: int) -> torch.Tensor:
+    """W4A8 / W4A4: int8 per-token activations (q, scale) times W4A16-format weights."""
+    return registry.lookup("w4a8_linear", xq.device.type)(xq, xscale, qweight, scales, zeros, bias,
+                                                          group_size)
+
+
+@w4a8_linear.register_fake
+def _(xq, xscale, qweight, scales, zeros, bias, group_size):
+    return xq.new_empty((*xq.shape[:-1], scales.shape[1]), dtype=scales.dtype)
 
 
 @torch.library.custom_op("hsd::quantize_per_token", mutates_args=())

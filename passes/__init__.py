@@ -1,5 +1,4 @@
 """Graph passes: the Pass interface, the pass manager, and the built-in passes."""
-from hsd.passes.activation import QuantizeActivations, quantize_per_token
 from hsd.passes.attention import STEP_INPUTS, RewriteAttention
 from hsd.passes.base import FunctionPass, Pass, as_pass
 from hsd.passes.linear import QUANT_SCHEMES, FuseSiblingLinears, QuantizeLinear
@@ -9,8 +8,9 @@ from hsd.passes.norm import FuseRMSNormQuant
 from hsd.passes.rotate import RotateHadamard
 from hsd.passes.smoothquant import SmoothQuant
 from hsd.passes.weights import LoadWeights, check_materialised
+from hsd.passes.w4a8 import LowBitActivations
 
 __all__ = ["Pass", "FunctionPass", "as_pass", "PassManager", "PassError", "PassRecord", "node_kinds",
            "RewriteAttention", "FuseSiblingLinears", "QuantizeLinear", "QUANT_SCHEMES", "STEP_INPUTS",
-           "LoadWeights", "check_materialised", "QuantizeActivations", "quantize_per_token",
-           "FuseRMSNormQuant", "SmoothQuant", "RotateHadamard"]
+           "LoadWeights", "check_materialised", "LowBitActivations", "FuseRMSNormQuant", "SmoothQuant",
+           "RotateHadamard"]

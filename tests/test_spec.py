@@ -134,7 +134,9 @@ def test_qspec_shares_weights_and_cache():
     verify, drafting = target.graphs[4], draft.graphs[1]   # the k + 1 = 4 verify step, a draft step
     name = "model.layers.0.mlp.down_proj.qweight"
     assert verify.get_buffer(name).data_ptr() == drafting.get_buffer(name).data_ptr()
-    assert hsd.passes.node_kinds(drafting)["quantize_per_token"] == hsd.passes.node_kinds(drafting)["hsd.w4a16_linear"]
+    kinds, verify_kinds = hsd.passes.node_kinds(drafting), hsd.passes.node_kinds(verify)
+    assert kinds["hsd.quantize_per_token"] == kinds["hsd.w4a8_linear"] == verify_kinds["hsd.w4a16_linear"] > 0
+    assert kinds["hsd.w4a16_linear"] == 0
     with pytest.raises(ValueError, match="needs a quantized engine"):
         hsd.compile(testing.tiny_model(config), spec="qspec")
 

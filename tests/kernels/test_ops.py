@@ -19,3 +19,11 @@ def test_attention_opcheck():
     args = (q, k, v, *cache, 1, torch.tensor([4, 0], dtype=torch.int32),
             torch.ones(t, t, dtype=torch.bool).tril(), d ** -0.5)
     torch.library.opcheck(torch.ops.hsd.attention.default, args)
+
+
+def test_w4a8_linear_opcheck():
+    from hsd.kernels.act_quant import quantize_per_token_reference
+    qweight, scales, zeros = w4a16.quantize_rtn(torch.randn(48, 64), 32, symmetric=False)
+    xq, xscale = quantize_per_token_reference(torch.randn(2, 3, 64), "int4")
+    args = (xq, xscale, qweight, scales.half(), zeros.half(), torch.randn(48).half(), 32)
+    torch.library.opcheck(torch.ops.hsd.w4a8_linear.default, args)

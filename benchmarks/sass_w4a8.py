@@ -1,0 +1,62 @@
+"""Compile the W4A8 kernel for a GPU that is not here and count its SASS instructions.
+
+    python benchmarks/sass_w4a8.py [--arch 90] [--m 1 16 64] [--group 128]   (CPU only)
+
+Every config ``w4a8.candidate_configs`` yields for these M is compiled with the installed Triton
+(split K = 1 only: the split adds one atomic epilogue); the script fails on any compile error and
+prints registers, spills and the instructions that matter (integer ops run at half the fp32 rate
+on Hopper; IMMA / IGMMA are the int8 MMAs).
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from hsd.kernels import w4a8  # noqa: E402
+from sass_stats import sass_stats  # noqa: E402
+
+SHOWN = ("LOP3", "SHF", "PRMT", "IMAD", "IADD3", "I2FP", "FFMA", "IMMA", "IGMMA", "LDGSTS", "STS",
+         "LDS", "BAR")
+
+
+def compile_config(cfg, arch=90, group=128, k=4096, zeros=False):
+    sig = dict(xq_ptr="*i8", xs_ptr="*fp32", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16",
+               b_ptr="*fp16", y_ptr="*fp16")
+    sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
+    consts = dict(G=group, HAS_ZEROS=zeros, HAS_BIAS=False, PER_CHANNEL=group == k,
+                  ATOMIC=cfg["SPLIT_K"] > 1, WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], ASM=True,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_K=cfg["BLOCK_K"] if group == k else group)
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split") and i < 13]
+    src = ASTSource(fn=w4a8._w4a8_kernel, signature=sig, constexprs=consts,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--group", type=int, default=128)
+    args = ap.parse_args()
+    print(f"{'config':<36} {'regs':>4} {'stack':>5} " + " ".join(f"{o:>6}" for o in SHOWN))
+    for m in args.m:
+        for cfg in w4a8.candidate_configs(m, 4096, 4096):
+            if cfg["SPLIT_K"] > 1:
+                continue
+            regs, stack, ops = sass_stats(compile_config(cfg, args.arch, args.group))
+            name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
+                    f"s{cfg['num_stages']}" + (" A=W" if cfg["WEIGHTS_AS_A"] else ""))
+            print(f"{name:<36} {regs:>4} {stack:>5} " + " ".join(f"{ops[o]:>6}" for o in SHOWN),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

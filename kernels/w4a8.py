@@ -1,0 +1,318 @@
+"""W4A8 / W4A4 GEMM on the int8 tensor cores: y = (xq * xscale) @ dequant(W).T + b.
+
+Weights: exactly the W4A16 format (``hsd.kernels.w4a16``'s docstring: GPTQ layout, qweight int32
+[K // 8, N], scales [K // G, N], zeros [K // G, N] or None = 8), so one stored tensor serves the
+W4A16, W4A8 and W4A4 kernels (QSpec drafts and verifies from the same weights). Zero points must
+hold integers (round-to-nearest and GPTQ write integers).
+Activations: per-token int8 from ``hsd::quantize_per_token`` (``hsd.kernels.act_quant``): kind
+"int8" (-127..127) or "int4" (-7..7, still int8 in memory). Hopper has no int4 MMA, so W4A4 runs
+this very kernel: it costs what W4A8 costs, only its accuracy differs.
+
+The math, per tile of BLOCK_K rows of K (BLOCK_K = G; per-channel G = K: a multiple of 32):
+    part[m, n] = -zero[g, n] * sum_k xq[m, k]          the zero point: seeds the int32 accumulator
+    part      += sum_k xq[m, k] * q[k, n]              int8 x int8 -> int32 MMA, q = nibble 0..15
+    acc       += part * scale[g, n]                    fp32, the per-group ("second-level") scale
+    y          = acc * xscale[m] + bias
+So the zero point never touches the BLOCK_K x BLOCK_N weights, only the BLOCK_M x BLOCK_N partial
+product. With per-channel scales the whole K sums in int32 (|sum| <= 127 * 15 * K fits for
+K < 1.1M) and is scaled once at the end. Small M splits K over programs that add into y
+atomically (as W4A16); BLOCK_M = 16 serves M = 1 too (the MMA is not the cost, unpacking is).
+
+Unpacking: the weights are loaded as bytes, 16 per thread per load. A 32-bit register of 4 bytes
+becomes 4 low nibbles (one AND) and 4 high nibbles (one shift, one AND) that are directly int8
+MMA operand bytes (inline PTX on the GPU; the interpreter does the same per byte). The low
+nibbles hold k = 8 r + 2 j, the high ones 8 r + 2 j + 1: two dots, against the even and the odd
+columns of x. sass_stats-style check: ``benchmarks/sass_w4a8.py`` (no GPU needed).
+"""
+import functools
+import json
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hsd.kernels import registry, w4a16
+from hsd.kernels.timing import bench_us
+from hsd.kernels.w4a16 import _k_range, _load_tile, _write
+
+M_BUCKETS = w4a16.M_BUCKETS
+
+
+def w4a8_linear_reference(xq, xscale, qweight, scales, zeros, bias, group_size: int):
+    """The kernel's function in fp32: dequantized activations times dequantized weights."""
+    x = xq.float() * xscale.float()[..., None]
+    w = w4a16.dequantize(qweight, scales.float(), None if zeros is None else zeros.float(), group_size)
+    y = torch.nn.functional.linear(x, w, None if bias is None else bias.float())
+    return y.to(scales.dtype)
+
+
+registry.register("w4a8_linear", "cpu", "reference")(w4a8_linear_reference)
+
+
+@triton.jit
+def _load_bytes(qw_ptr, k0, K, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed words of rows k0 .. k0 + BLOCK_K, columns of this program, as bytes
+    [BLOCK_K // 8, BLOCK_N, 4]: byte j of word (r, n) holds nibbles 2 j (low) and 2 j + 1
+    (high), i.e. k = 8 r + 2 j and 8 r + 2 j + 1. Loaded as rows of 4 BLOCK_N contiguous bytes,
+    so the loads are 16 bytes wide."""
+    rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    cols = tl.program_id(1) * BLOCK_N * 4 + tl.arange(0, BLOCK_N * 4)
+    mask = (rows < K // 8)[:, None] & (cols < N * 4)[None, :]
+    b = tl.load(qw_ptr.to(tl.pointer_type(tl.int8)) + rows[:, None] * (N * 4) + cols[None, :],
+                mask=mask, other=0)
+    return tl.reshape(b, (BLOCK_K // 8, BLOCK_N, 4))
+
+
+@triton.jit
+def _split_nibbles(b, ASM: tl.constexpr):
+    """bytes -> (low nibbles, high nibbles) as int8 in 0..15. On the GPU one instruction per
+    register of 4 bytes each (inline PTX: and / shift on the whole 32-bit word); the interpreter
+    cannot run PTX and takes the plain per-byte form."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "and.b32 $0, $2, 0x0F0F0F0F; shr.b32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F;",
+            "=r,=r,r", [b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        return b & 0xF, (b >> 4) & 0xF
+
+
+@triton.jit
+def _rows(w):
+    """[R, BLOCK_N, 4] -> [4 R, BLOCK_N], row 4 r + j."""
+    w = tl.permute(w, (0, 2, 1))
+    return tl.reshape(w, (w.shape[0] * 4, w.shape[2]))
+
+
+@triton.jit
+def _idot(x, w, acc, WEIGHTS_AS_A: tl.constexpr):
+    """acc + x @ w in int32, or through its transpose when the weights are the A operand."""
+    if WEIGHTS_AS_A:
+        return tl.trans(tl.dot(tl.trans(w), tl.trans(x), tl.trans(acc), out_dtype=tl.int32))
+    else:
+        return tl.dot(x, w, acc, out_dtype=tl.int32)
+
+
+# M and the split length only bound loops and masks: one compiled kernel serves every value
+@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
+                 stride_ym, tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, ATOMIC: tl.constexpr,
+                 WEIGHTS_AS_A: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of y over the K tiles of split tl.program_id(2).
+
+    WEIGHTS_AS_A computes y.T = W @ x.T: with BLOCK_M >= 64 Triton uses Hopper's wgmma, which
+    takes its A operand from registers (where the unpacked weights are) and B from shared memory."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # per-channel: the whole split in int32
+    for t in range(first, last):
+        k0 = t * BLOCK_K
+        # the tile's zero point and scale ([1, BLOCK_N] fp32); its words (unused, so never
+        # loaded) come as bytes from _load_bytes
+        _, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
+                                    HAS_ZEROS, True, BLOCK_K, tl.float32)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
+        lo, hi = _split_nibbles(_load_bytes(qw_ptr, k0, K, N, BLOCK_N, BLOCK_K), ASM)
+        # sum_k x (q - zero) = sum_k x q - zero sum_k x: the dots start from the second term
+        dot = tl.broadcast_to(-zero.to(tl.int32) * tl.sum(x.to(tl.int32), axis=1)[:, None],
+                              (BLOCK_M, BLOCK_N))
+        if BLOCK_K >= 64:  # two dots, over the even and the odd k
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            dot = _idot(x_even, _rows(lo), dot, WEIGHTS_AS_A)
+            dot = _idot(x_odd, _rows(hi), dot, WEIGHTS_AS_A)
+        else:  # the int8 MMA needs K >= 32 per dot: one dot over the k in their natural order
+            w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
+            dot = _idot(x, w, dot, WEIGHTS_AS_A)
+        if PER_CHANNEL:
+            part += dot
+        else:
+            acc += dot.to(tl.float32) * scale
+    if PER_CHANNEL:
+        scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = part.to(tl.float32) * scale[None, :]
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+    _write(y_ptr, b_ptr, acc * xs[:, None], offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
+
+
+# --------------------------------------------------------------------------- configs
+
+def _load_table() -> dict:
+    """{device name: {"N,K": {"M bucket": config}}} from configs/w4a8_*.json."""
+    tables = {}
+    for path in sorted(w4a16.CONFIG_DIR.glob("w4a8_*.json")):
+        data = json.loads(path.read_text())
+        tables[data["device"]] = data["configs"]
+    return tables
+
+
+_TABLES = _load_table()
+
+
+def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
+    """The rule when the table has no entry for (M bucket, N, K): BLOCK_M 16..64 (the int8 MMA
+    at BLOCK_M = 16 costs nothing next to unpacking the weights, so M = 1 takes it too), and a K
+    split that gives every SM about two programs. BLOCK_K applies to per-channel weights only
+    (grouped weights use BLOCK_K = G)."""
+    block_m = min(max(16, triton.next_power_of_2(m)), 64)
+    block_n, block_k = 128, 128
+    split = w4a16._split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4,
+                num_stages=3, WEIGHTS_AS_A=block_m >= 64)
+
+
+def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
+    """The table's entry for the smallest tuned M bucket >= m (the table holds a few buckets,
+    e.g. 1, 16, 64: M = 2..16 take 16's), else ``default_config``."""
+    name, sms = w4a16._device_info(device)
+    table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
+    entry = table.get(f"{n},{k}", {})
+    bucket = min((int(b) for b in entry if m <= int(b)), default=None)
+    return entry[str(bucket)] if bucket is not None else default_config(m, n, k, sms)
+
+
+# --------------------------------------------------------------------------- launcher
+
+def check_group_size(k: int, group_size: int, what: str = "w4a8"):
+    """The int8 MMA sums 32 values of K at a time: a group (one tile) must hold a multiple of 32."""
+    if group_size <= 0 or k % group_size or k % 8 or (group_size < k and group_size % 32):
+        raise ValueError(f"{what}: in_features {k} needs a group size that divides it and is a "
+                         f"multiple of 32 (or group_size = K, per channel), got {group_size}")
+
+
+def _check(xq, xscale, qweight, scales, zeros, bias, group_size):
+    if xq.dtype != torch.int8:
+        raise TypeError(f"w4a8: activations must be int8 (hsd::quantize_per_token), got {xq.dtype}")
+    if xscale.dtype != torch.float32 or xscale.shape != xq.shape[:-1]:
+        raise TypeError(f"w4a8: xscale must be float32 of shape {tuple(xq.shape[:-1])}, got "
+                        f"{xscale.dtype} {tuple(xscale.shape)}")
+    if qweight.dtype != torch.int32:
+        raise TypeError(f"w4a8: qweight must be int32 (8 nibbles per word), got {qweight.dtype}")
+    for name, t in (("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"w4a8: {name} must be a float tensor, got {t.dtype}")
+    k, n = xq.shape[-1], scales.shape[-1]
+    check_group_size(k, group_size)
+    if qweight.shape != (k // 8, n) or scales.shape != (k // group_size, n):
+        raise ValueError(f"w4a8: qweight {tuple(qweight.shape)} and scales {tuple(scales.shape)} do not "
+                         f"fit activations {tuple(xq.shape)} with group size {group_size}")
+    if zeros is not None and zeros.shape != scales.shape:
+        raise ValueError(f"w4a8: zeros {tuple(zeros.shape)} != scales {tuple(scales.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"w4a8: bias {tuple(bias.shape)} != ({n},)")
+    if any(t is not None and t.device != xq.device for t in (xscale, qweight, scales, zeros, bias)):
+        raise ValueError(f"w4a8: every tensor must be on {xq.device}")
+
+
+@registry.register("w4a8_linear", "cuda", "triton")
+@registry.register("w4a8_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
+def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int, config=None):
+    """config: dict(BLOCK_M, BLOCK_N, BLOCK_K (per-channel only), SPLIT_K, num_warps, num_stages,
+    WEIGHTS_AS_A); default: the tuned table for this GPU, else ``default_config``."""
+    _check(xq, xscale, qweight, scales, zeros, bias, group_size)
+    k, n = xq.shape[-1], scales.shape[1]
+    x2, xs = xq.reshape(-1, k), xscale.reshape(-1)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xs = xs.contiguous()
+    m = x2.shape[0]
+    cfg = config or get_config(m, n, k, xq.device)
+    per_channel = group_size == k
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    block_k = cfg["BLOCK_K"] if per_channel else group_size
+    # tl.dot needs M, N >= 16 and the int8 MMA K >= 32 on the GPU (the interpreter accepts less)
+    assert all(b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
+    assert block_m >= 16 and block_n >= 16 and block_k >= 32, cfg
+    k_tiles = triton.cdiv(k, block_k)
+    tiles_per_split = triton.cdiv(k_tiles, cfg["SPLIT_K"])
+    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
+    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=xq.device, dtype=scales.dtype)
+    if m == 0:
+        return y.reshape(*xq.shape[:-1], n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _w4a8_kernel[grid](x2, xs, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
+                       tiles_per_split, G=group_size, HAS_ZEROS=zeros is not None,
+                       HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, ATOMIC=split > 1,
+                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), ASM=xq.is_cuda,
+                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.reshape(*xq.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------- tuning, benchmark
+
+def candidate_configs(m: int, n: int, k: int):
+    """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
+    if m <= 16:  # BLOCK_M, BLOCK_N, num_warps, num_stages, WEIGHTS_AS_A
+        tiles = [(16, 64, 4, 4, False), (16, 128, 4, 3, False), (16, 128, 4, 5, False),
+                 (16, 128, 8, 4, False), (16, 256, 8, 3, False)]
+    else:
+        tiles = [(32, 128, 4, 3, False), (64, 64, 4, 4, True), (64, 128, 4, 3, True),
+                 (64, 128, 8, 3, True), (64, 128, 4, 3, False)]
+    k_tiles = triton.cdiv(k, 128)
+    for block_m, block_n, num_warps, num_stages, swap in tiles:
+        for split in (1, 2, 4, 8, 16):
+            if split == 1 or k_tiles // split >= 2:
+                yield dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
+                           num_warps=num_warps, num_stages=num_stages, WEIGHTS_AS_A=swap)
+
+
+def random_inputs(m: int, n: int, k: int, group_size: int = 128, dtype=torch.float16,
+                  zeros: bool = False, device="cuda"):
+    """Non-zero random activations [m, k] (float) and W4 weights (random words, so every
+    nibble value occurs): the kernel's speed must not depend on the data."""
+    g = k if group_size in (None, -1) else group_size
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device)
+    scales = (torch.rand(k // g, n, device=device) * 0.02 + 0.001).to(dtype)
+    z = torch.randint(0, 16, scales.shape, device=device).to(dtype) if zeros else None
+    return x, qweight, scales, z
+
+
+def benchmark(m: int, n: int, k: int, group_size: int = 128, kind: str = "int8",
+              dtype=torch.float16, config=None, device="cuda"):
+    """A zero-argument callable that runs what a W4A8 (kind "int8") or W4A4 ("int4") Linear
+    runs on [m, k] random activations: hsd::quantize_per_token, then the GEMM (``config`` or
+    the table's). For ``hsd.kernels.timing.bench_us``."""
+    x, qweight, scales, _ = random_inputs(m, n, k, group_size, dtype, device=device)
+    g = k if group_size in (None, -1) else group_size
+    quantize = registry.lookup("quantize_per_token", torch.device(device).type)
+    gemm = functools.partial(w4a8_linear_triton, qweight=qweight, scales=scales, zeros=None,
+                             bias=None, group_size=g, config=config)
+    return lambda: gemm(*quantize(x, kind))
+
+
+def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, rep_ms: int = 5,
+         verbose: bool = True, device="cuda"):
+    """Time ``candidate_configs`` per (N, K) in ``shapes`` and M bucket on this GPU and write the
+    fastest to ``path`` (default ``configs/w4a8_<gpu>.json``) and the live table."""
+    device = torch.device(device)
+    name = w4a16._device_info(device)[0]
+    path = path or w4a16.CONFIG_DIR / f"w4a8_{w4a16._slug(name)}.json"
+    table = _TABLES.setdefault(name, {})
+    for n, k in shapes:
+        x, qweight, scales, _ = random_inputs(max(m_buckets), n, k, group_size, device=device)
+        xq, xs = registry.lookup("quantize_per_token", device.type)(x, "int8")
+        for m in m_buckets:
+            best = (math.inf, None)
+            for cfg in candidate_configs(m, n, k):
+                fn = functools.partial(w4a8_linear_triton, xq[:m], xs[:m], qweight, scales, None,
+                                       None, group_size, cfg)
+                try:
+                    us = bench_us(fn, warmup=2, rep=rep_ms)
+                except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
+                    if verbose:
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                best = min(best, (us, cfg), key=lambda b: b[0])
+            table.setdefault(f"{n},{k}", {})[str(m)] = best[1]
+            if verbose:
+                print(f"w4a8 N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
+        path.write_text(json.dumps({"device": name, "group_size": group_size, "configs": table}, indent=1))
+    return path
