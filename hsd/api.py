@@ -8,7 +8,7 @@ from hsd.engine import Engine
 from hsd.kv_cache import KVCache
 from hsd.lowering import BACKENDS, default_backend
 from hsd.passes import (QUANT_SCHEMES, FuseSiblingLinears, LoadWeights, PassManager, QuantizeLinear,
-                        RewriteAttention, as_pass)
+                        RewriteAttention, RotateHadamard, as_pass)
 from hsd.passes import gptq
 from hsd.passes.norm import FuseRMSNormQuant
 from hsd.passes.smoothquant import SmoothQuant, activation_absmax
@@ -24,8 +24,9 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
-    or callables on a torch.fx.GraphModule), RewriteAttention, FuseSiblingLinears (if ``fuse``),
-    QuantizeLinear (if ``quant``). ``dump_graphs``: a directory for each graph before and after
+    or callables on a torch.fx.GraphModule), RotateHadamard (for quant="w4a4" and QSpec with
+    4-bit drafts), RewriteAttention, SmoothQuant (w8a8), FuseSiblingLinears (if ``fuse``),
+    QuantizeLinear and FuseRMSNormQuant (if ``quant``). ``dump_graphs``: a directory for each graph before and after
     every pass (or set HSD_DUMP_GRAPHS). ``backend``: "inductor" (CUDA default, with CUDA
     graphs), "aot_eager" or "eager" (CPU default).
 
@@ -63,6 +64,11 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     model.eval()
     model.set_attn_implementation("sdpa")  # RewriteAttention matches the SDPA node
     builtin = [RewriteAttention()]
+    if _rotates(quant, spec, spec_config):  # QuaRot: 4-bit activations need outliers spread out
+        if quantizer == "gptq":
+            raise ValueError("quantizer='gptq' with Hadamard-rotated weights (quant='w4a4' or QSpec with "
+                             "4-bit drafts) is not supported: its Hessians would be taken before the rotation")
+        builtin.insert(0, RotateHadamard())
     if next(model.parameters()).is_meta:
         if quantizer == "gptq":
             raise ValueError("quantizer='gptq' calibrates the model's float weights, but the model is on the "
@@ -99,6 +105,11 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
                        fuse=fuse, backend=backend, quantizer=quantizer if quant else "rtn",
                        calibration=calibration, act_order=act_order and bool(quant))
     return hsd_spec.build(spec, engine, draft, spec_config, compile_model, intermediate)
+
+
+def _rotates(quant, spec, spec_config) -> bool:
+    """W4A4 and QSpec's 4-bit drafts run on Hadamard-rotated weights (``RotateHadamard``)."""
+    return quant == "w4a4" or (spec == "qspec" and (spec_config or hsd_spec.QSpecConfig()).act_bits == 4)
 
 
 def _check_quantizer(quantizer, quant, calibration, act_order):

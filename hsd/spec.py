@@ -12,7 +12,7 @@ import torch
 from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
 from hsd.hierarchical import hierarchical_pipeline
-from hsd.passes import LowBitActivations
+from hsd.passes import FuseRMSNormQuant, LowBitActivations
 from hsd.passes.w4a8 import KIND_OF_BITS
 from hsd.sampling import accept_chain, finish, probs, select
 from hsd.stats import Stats, now
@@ -34,7 +34,7 @@ class QSpecConfig:
     weights, same KV cache; W4A8 / W4A4 GEMMs on the int8 MMA), then verifies k + 1 with 16-bit
     activations (W4A16)."""
     k: int = 3
-    act_bits: int = 8
+    act_bits: int = 4
 
     def validate(self):
         DraftConfig(self.k).validate()
@@ -155,7 +155,8 @@ def _qspec_pipeline(target, draft, config, compile_model, intermediate=None):
         raise ValueError('spec="qspec" drafts with the target itself: do not pass draft=')
     config = config or QSpecConfig()
     config.validate()
-    return DraftPipeline(target, target.with_passes(LowBitActivations(KIND_OF_BITS[config.act_bits])), DraftConfig(config.k))
+    drafter = target.with_passes(LowBitActivations(KIND_OF_BITS[config.act_bits]), FuseRMSNormQuant())
+    return DraftPipeline(target, drafter, DraftConfig(config.k))
 
 
 PIPELINES = {"draft": _draft_pipeline, "qspec": _qspec_pipeline, "eagle2": eagle2_pipeline,

@@ -18,9 +18,9 @@ from hsd.kernels import registry
 from hsd.kernels.act_quant import check_kind, quantize_block, quantize_per_token_reference
 
 
-def _check(x, weight, eps, kind):
+def _check(x, weight, eps, kind, dtypes=(torch.float16, torch.bfloat16, torch.float32)):
     check_kind(kind)
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weight.dtype != x.dtype:
+    if x.dtype not in dtypes or weight.dtype != x.dtype:
         raise ValueError(f"rmsnorm_quant: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
     if x.dim() == 0 or weight.shape != (x.shape[-1],):
         raise ValueError(f"rmsnorm_quant: weight must be [{x.shape[-1] if x.dim() else '?'}], "
@@ -38,7 +38,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @registry.register("rmsnorm_quant", "cpu", "reference")
 def rmsnorm_quant_reference(x, weight, eps: float, kind: str):
-    _check(x, weight, eps, kind)
+    _check(x, weight, eps, kind, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     return quantize_per_token_reference(rmsnorm(x, weight, eps), kind)
 
 

@@ -115,11 +115,15 @@ def test_bad_speculation_settings_are_refused():
 
 @given(testing.model_configs(width_multiple=32), testing.seeds(), st.sampled_from([4, 8]), st.integers(1, 4))
 def test_qspec_is_lossless_against_w4a16_autoregressive(config, seed, bits, k):
+    """With 4-bit drafts the target is the Hadamard-rotated W4A16 model: QSpec must equal its AR."""
     target = testing.tiny_model(config, seed, dtype=torch.float64)
     ids = testing.random_ids(config, seed, length=4)
     kwargs = dict(quant="w4a16", group_size=32, max_seq_len=40, prefill_chunk=4)
-    expected = hsd.compile(target, **kwargs).generate(ids, max_new_tokens=14)
     engine = hsd.compile(target, **kwargs, spec="qspec", spec_config=hsd.spec.QSpecConfig(k=k, act_bits=bits))
+    rotated = any(isinstance(p, hsd.passes.RotateHadamard) for p in engine.target.passes.passes)
+    assert rotated == (bits == 4)
+    reference = hsd.compile(target, **kwargs, passes=[hsd.passes.RotateHadamard()] if rotated else [])
+    expected = reference.generate(ids, max_new_tokens=14)
     assert engine.generate(ids, max_new_tokens=14).tolist() == expected.tolist()
     assert engine.stats.tau >= 1.0
 
@@ -135,7 +139,9 @@ def test_qspec_shares_weights_and_cache():
     name = "model.layers.0.mlp.down_proj.qweight"
     assert verify.get_buffer(name).data_ptr() == drafting.get_buffer(name).data_ptr()
     kinds, verify_kinds = hsd.passes.node_kinds(drafting), hsd.passes.node_kinds(verify)
-    assert kinds["hsd.quantize_per_token"] == kinds["hsd.w4a8_linear"] == verify_kinds["hsd.w4a16_linear"] > 0
+    quantized_inputs = kinds["hsd.quantize_per_token"] + kinds["hsd.rmsnorm_quant"]   # norm + quant fused
+    assert quantized_inputs == kinds["hsd.w4a8_linear"] == verify_kinds["hsd.w4a16_linear"] > 0
+    assert kinds["hsd.rmsnorm_quant"] == 2 * config.num_hidden_layers
     assert kinds["hsd.w4a16_linear"] == 0
     with pytest.raises(ValueError, match="needs a quantized engine"):
         hsd.compile(testing.tiny_model(config), spec="qspec")
@@ -166,6 +172,6 @@ def test_qspec_runs_a_batch_whose_rows_match_autoregressive():
     ar = hsd.compile(target, **kwargs)
     eos = int(ar.generate(ids, max_new_tokens=16)[1, 5 + 6])   # row 1 stops early
     expected = ar.generate(ids, max_new_tokens=16, eos_token_id=eos)
-    engine = hsd.compile(target, **kwargs, spec="qspec", spec_config=hsd.spec.QSpecConfig(k=3, act_bits=4))
+    engine = hsd.compile(target, **kwargs, spec="qspec", spec_config=hsd.spec.QSpecConfig(k=3, act_bits=8))
     assert engine.generate(ids, max_new_tokens=16, eos_token_id=eos).tolist() == expected.tolist()
     assert 1.0 <= engine.stats.tau <= 4.0
