@@ -1,13 +1,17 @@
-"""W4A16 GEMM vs cuBLAS fp16 vs torch's int4 tinygemm on the linears of one Llama-3 layer.
+"""Every quantized GEMM scheme vs cuBLAS fp16, torch's int4 tinygemm, torch._int_mm and
+torch._scaled_mm on the linears of one Llama-3 layer.
 
     python benchmarks/bench_gemm.py [--tune]      (needs a CUDA GPU; writes to $OUT, default ./out)
 
 For every M in 1..128 tokens it sums the time of the four linears of one decoder layer (Llama-3-8B
-and -70B). Times are medians of CUDA-graph replays with the L2 cache
+and -70B): W4A16 g128, W4A8 / W4A4 g128 (int8 MMA), W8A8 and FP8 (per-token activation
+quantization included), and the anchors measured in the same run (the int8 / fp8 anchors without
+activation quantization or epilogue). Times are medians of CUDA-graph replays with the L2 cache
 cleared before each (hsd.kernels.timing). --tune first runs ``w4a16.tune`` for these shapes and writes the config table to
 $OUT/w4a16_<gpu>.json (copy it to kernels/configs/ to ship it).
 """
 import argparse
+import functools
 import datetime
 import json
 import os
@@ -16,7 +20,7 @@ import pathlib
 import torch
 import triton
 
-from hsd.kernels import w4a16
+from hsd.kernels import scaled_mm, w4a16, w4a8
 from hsd.kernels.timing import bench_us
 
 LAYERS = {  # (N, K) of qkv, o, gate_up, down
@@ -88,35 +92,62 @@ def tinygemm_weights(qweight, scales):
     return None
 
 
+def _bytes(method, n, k):
+    """Weight bytes one linear of ``method`` reads (what its GB/s is computed from)."""
+    if method in ("w4a16_g128", "w4a8_g128", "w4a4_g128", "tinygemm_g128"):
+        return n * k // 2 + n * k // GROUP * 2
+    if method in ("w8a8", "fp8", "int8_mm_anchor", "fp8_scaled_mm_anchor"):
+        return n * k + n * 2
+    return n * k * 2
+
+
+def _cases(n, k):
+    """method -> (M -> zero-arg callable running one [M, K] x [K, N] linear on random data)."""
+    qw, s, _ = random_w4(n, k)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    tg = tinygemm_weights(qw, s)
+
+    def x(m, dtype=torch.float16):
+        return torch.randn(m, k, device="cuda", dtype=dtype)
+    return {
+        "w4a16_g128": lambda m: functools.partial(w4a16.w4a16_linear_triton, x(m), qw, s, None, None, GROUP),
+        "w4a8_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int8"),
+        "w4a4_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int4"),
+        "w8a8": lambda m: scaled_mm.bench_linear(m, n, k, "int8"),
+        "fp8": lambda m: scaled_mm.bench_linear(m, n, k, "fp8"),
+        "cublas_fp16": lambda m: functools.partial(torch.nn.functional.linear, x(m), w),
+        "tinygemm_g128": tg and (lambda m: functools.partial(torch._weight_int4pack_mm, x(m, torch.bfloat16),
+                                                             tg[0], GROUP, tg[1])),
+        "int8_mm_anchor": lambda m: scaled_mm.bench_anchor(m, n, k, "int8"),
+        "fp8_scaled_mm_anchor": lambda m: scaled_mm.bench_anchor(m, n, k, "fp8"),
+    }
+
+
 def bench_model(shapes, methods, configs, per_linear):
     """{method: {M: summed median us of the layer's linears, weight GB/s, TFLOP/s}}; the W4A16
-    configs used go into ``configs``, each linear's us into ``per_linear``."""
+    configs used go into ``configs``, each linear's us into ``per_linear``. A method that fails
+    on this GPU (e.g. an anchor torch lacks) is recorded as None."""
     us = {meth: {m: 0.0 for m in MS} for meth in methods}
-    nbytes = dict.fromkeys(methods, 0)
     for n, k in shapes:
-        qw, s, _ = random_w4(n, k)
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        tg = tinygemm_weights(qw, s)
-        nbytes["w4a16_g128"] += qw.numel() * 4 + s.numel() * 2
-        nbytes["cublas_fp16"] += w.numel() * 2
-        if tg is not None:
-            nbytes["tinygemm_g128"] += tg[0].numel() * tg[0].element_size() + tg[1].numel() * 2
-        for m in MS:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            xb = x.to(torch.bfloat16)
-            fns = {"w4a16_g128": lambda: w4a16.w4a16_linear_triton(x, qw, s, None, None, GROUP),
-                   "cublas_fp16": lambda: torch.nn.functional.linear(x, w),
-                   "tinygemm_g128": tg and (lambda: torch._weight_int4pack_mm(xb, tg[0], GROUP, tg[1]))}
-            for meth in methods:
-                if fns[meth] is None or us[meth][m] is None:
+        cases = _cases(n, k)
+        for meth in methods:
+            for m in MS:
+                if cases[meth] is None or us[meth][m] is None:
                     us[meth][m] = None
-                else:
-                    t = bench_us(fns[meth])
-                    us[meth][m] += t
-                    per_linear.setdefault(meth, {}).setdefault(f"{n},{k}", {})[str(m)] = t
-        configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, qw.device) for m in MS}
+                    continue
+                try:
+                    t = bench_us(cases[meth](m))
+                except Exception as e:
+                    print(f"  {meth} N={n} K={k} M={m}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    us[meth][m] = None
+                    continue
+                us[meth][m] += t
+                per_linear.setdefault(meth, {}).setdefault(f"{n},{k}", {})[str(m)] = t
+        configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, torch.device("cuda")) for m in MS}
         print(f"  N={n} K={k} M=1: " + ", ".join(f"{meth} {us[meth][1]}" for meth in methods), flush=True)
+        torch.cuda.empty_cache()
     flops = {m: 2 * m * sum(n * k for n, k in shapes) for m in MS}
+    nbytes = {meth: sum(_bytes(meth, n, k) for n, k in shapes) for meth in methods}
     return {meth: {str(m): None if t is None else
                    dict(us=t, weight_gbs=nbytes[meth] / t / 1e3, tflops=flops[m] / t / 1e6)
                    for m, t in per_m.items()} for meth, per_m in us.items()}
@@ -171,7 +202,8 @@ def main():
                   group_size=GROUP, timing="median of CUDA-graph replays (triton.testing.do_bench), L2 cleared before each",
                   correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
                   w4a16_configs={}, per_linear_us={})
-    methods = ("w4a16_g128", "cublas_fp16", "tinygemm_g128")
+    methods = ("w4a16_g128", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16", "tinygemm_g128",
+               "int8_mm_anchor", "fp8_scaled_mm_anchor")
     for model, shapes in LAYERS.items():
         print(model, flush=True)
         report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"],
@@ -181,10 +213,10 @@ def main():
     print(f"\n{name}, us per layer (sum of 4 linears), W4 g128 floor: "
           + ", ".join(f"{mo} {w4_bytes(sh) / HBM_TBS / 1e6:.0f} us" for mo, sh in LAYERS.items()))
     for model, per_method in report["results"].items():
-        print(f"{model:>11} | " + " ".join(f"{'M=' + str(m):>7}" for m in MS))
+        print(f"{model:>20} | " + " ".join(f"{'M=' + str(m):>7}" for m in MS))
         for meth, per_m in per_method.items():
             cells = [per_m[str(m)] and per_m[str(m)]["us"] for m in MS]
-            print(f"{meth:>11} | " + " ".join(f"{c:7.1f}" if c else f"{'n/a':>7}" for c in cells))
+            print(f"{meth:>20} | " + " ".join(f"{c:7.1f}" if c else f"{'n/a':>7}" for c in cells))
 
 
 if __name__ == "__main__":
