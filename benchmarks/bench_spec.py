@@ -33,7 +33,7 @@ from hsd.spec import DraftConfig, DraftPipeline
 
 from bench_decode import llama3_8b
 
-TREE_SIZES = (1, 8, 16, 32, 60, 64)
+TREE_SIZES = (1, 16, 60)
 PAPER_TAU = {"eagle2 (SpecMQuant W4A16 8B: 2.6/2.1 speedup)": 3.5, "qspec k=3": 2.5}
 
 

@@ -115,7 +115,7 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, st
         # the tile's zero point and scale ([1, BLOCK_N] fp32); its words (unused, so never
         # loaded) come as bytes from _load_bytes
         _, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
-                                    HAS_ZEROS, True, BLOCK_K, tl.float32)
+                                    HAS_ZEROS, True, BLOCK_K, False, tl.float32)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
