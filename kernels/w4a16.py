@@ -173,22 +173,25 @@ def _nibbles(q, i: tl.constexpr, zero, ASM: tl.constexpr):
     per weight in the BLOCK_M = 16 loop; on an H100 this did not change the small-M time, which
     latency bounds: benchmarks/results/README.md).
     """
+    # one return at the end: compiled Triton rejects an early return inside an if
     if zero.dtype == tl.float32:
         lo = (((q >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
         hi = (((q >> (4 * i + 16)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-        return lo - (zero + 8388608.0), hi - (zero + 8388608.0)
-    one: tl.constexpr = 1024.0 if zero.dtype == tl.float16 else 128.0
-    if ASM and zero.dtype == tl.float16 and i % 2 == 1:
+        offset = zero + 8388608.0
+    elif ASM and zero.dtype == tl.float16 and i % 2 == 1:
         lo, hi = _halves_asm(q, 4 * (i - 1), 0x00F000F0, zero)
-        return lo * 0.0625 - (zero + 64.0), hi * 0.0625 - (zero + 64.0)
-    if ASM:
-        lo, hi = _halves_asm(q, 4 * i, 0x000F000F, zero)
+        lo, hi = lo * 0.0625, hi * 0.0625
+        offset = zero + 64.0
     else:
-        magic: tl.constexpr = 0x64006400 if zero.dtype == tl.float16 else 0x43004300
-        halves = ((q >> (4 * i)) & 0x000F000F) | magic
-        lo = halves.to(tl.int16).to(zero.dtype, bitcast=True)
-        hi = (halves >> 16).to(tl.int16).to(zero.dtype, bitcast=True)
-    return lo - (zero + one), hi - (zero + one)
+        if ASM:
+            lo, hi = _halves_asm(q, 4 * i, 0x000F000F, zero)
+        else:
+            magic: tl.constexpr = 0x64006400 if zero.dtype == tl.float16 else 0x43004300
+            halves = ((q >> (4 * i)) & 0x000F000F) | magic
+            lo = halves.to(tl.int16).to(zero.dtype, bitcast=True)
+            hi = (halves >> 16).to(tl.int16).to(zero.dtype, bitcast=True)
+        offset = zero + (1024.0 if zero.dtype == tl.float16 else 128.0)
+    return lo - offset, hi - offset
 
 
 @triton.jit
