@@ -51,7 +51,8 @@ def generate(args):
     engine = hsd.compile(args.model, quant=args.quant, dtype=dtype, device=args.device,
                          max_seq_len=args.max_seq_len, spec=args.spec, draft=args.draft,
                          intermediate=args.intermediate, intermediate_quant=args.intermediate_quant,
-                         tokenizer=tokenizer)  # calibration (SmoothQuant) on the embedded text
+                         draft_quant=args.draft_quant, quantizer=args.quantizer,
+                         tokenizer=tokenizer)  # calibration (SmoothQuant, GPTQ) on the embedded text
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     out = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           eos_token_id=tokenizer.eos_token_id)
@@ -80,7 +81,8 @@ def main(argv=None):
     g = sub.add_parser("generate", help="generate from a local Hugging Face checkpoint")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--quant", default=None)
+    g.add_argument("--quant", default=None, help="w4a16, w4a8, w4a4, w8a8, fp8 (default: none)")
+    g.add_argument("--quantizer", default="rtn", help="rtn or gptq (4-bit weight schemes)")
     g.add_argument("--dtype", default=None, help="float16, bfloat16, float32")
     g.add_argument("--device", default=None)
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -91,6 +93,7 @@ def main(argv=None):
     g.add_argument("--draft", default=None, help="draft model (draft) or EAGLE head directory (eagle2, hierarchical)")
     g.add_argument("--intermediate", default=None, help="intermediate model path (hierarchical)")
     g.add_argument("--intermediate-quant", default=None)
+    g.add_argument("--draft-quant", default=None)
     g.set_defaults(run=generate)
     args = parser.parse_args(argv)
     return args.run(args)

