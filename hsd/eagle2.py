@@ -20,7 +20,7 @@ from hsd.eagle import EagleHead, load_eagle_head
 from hsd.engine import Engine
 from hsd.kernels.attention import MAX_NEW_TOKENS, ancestor_mask
 from hsd.sampling import finish, select
-from hsd.stats import Stats, now
+from hsd.stats import Clock, Stats
 
 
 @dataclasses.dataclass
@@ -137,30 +137,31 @@ class Eagle2Pipeline:
         input_ids, eos, _ = target.prepare(input_ids, max_new_tokens, eos_token_id, pad_token_id, room=n, steps=(n,))
         eos = set(eos.tolist())
         stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
-        start = now(target.device)
+        clock = Clock(target.device)
+        start = clock()
         logits, features = target.prefill(input_ids)
         root = select(logits[0], temperature)
         head.cache.reset()
         root_hidden = head.extend(torch.cat([input_ids[:, 1:], root.view(1, 1)], 1), features)[0]
         out = [int(root)]
         done = out[0] in eos
-        stats.prefill_s = now(target.device) - start
-        begin = now(target.device)
+        begin = clock.add("prefill_s", start, clock())
         while len(out) < max_new_tokens and not done:
-            tick = now(target.device)
+            tick = clock()
             tokens, parents = draft_tree(head, root, root_hidden, self.config)
-            stats.draft_s += (tock := now(target.device)) - tick
+            tock = clock.add("draft_s", tick, clock())
             logits, hidden = target.verify(tokens[None], parents, check=False)
             path, new = greedy_accept(parents, tokens, select(logits[0], temperature))
             target.accept(torch.tensor([path], device=target.device))
-            stats.verify_s += (tick := now(target.device)) - tock
+            tick = clock.add("verify_s", tock, clock())
             new_t = torch.tensor(new, device=target.device)
             root, root_hidden = new_t[-1], head.extend(new_t[None], hidden[:, path])[0]
-            stats.draft_s += now(target.device) - tick
+            clock.add("draft_s", tick, clock())
             out += new
             done = not eos.isdisjoint(new)
             stats.target_steps += 1
-        stats.decode_s = now(target.device) - begin
+        clock.add("decode_s", begin, clock())
+        clock.settle(stats)
         self.stats = stats
         return finish(input_ids, [out], max_new_tokens, eos, stats)
 

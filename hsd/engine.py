@@ -15,7 +15,7 @@ from hsd.kv_cache import KVCache
 from hsd.lowering import lower
 from hsd.passes import PassManager, QuantizeLinear, check_materialised
 from hsd.sampling import select
-from hsd.stats import Stats, now
+from hsd.stats import Clock, Stats
 
 
 class Engine:
@@ -145,12 +145,12 @@ class Engine:
         earlier are padded with ``pad_token_id``)."""
         input_ids, eos, pad = self.prepare(input_ids, max_new_tokens, eos_token_id, pad_token_id)
         stats = self.stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
-        start = now(self.device)
+        clock = Clock(self.device)
+        start = clock()
         token = select(self.prefill(input_ids)[0], temperature)
-        stats.prefill_s = now(self.device) - start
+        start = clock.add("prefill_s", start, clock())
         out = [token]
         done = torch.isin(token, eos)
-        start = now(self.device)
         causal1 = self.causal_mask(1)
         while len(out) < max_new_tokens and not bool(done.all()):
             logits, _ = self.step(token[:, None], self._positions(1), causal1)
@@ -159,7 +159,8 @@ class Engine:
             done |= torch.isin(token, eos)
             out.append(token)
             stats.target_steps += 1
-        stats.decode_s = now(self.device) - start
+        clock.add("decode_s", start, clock())
+        clock.settle(stats)
         stats.new_tokens = len(out)
         return torch.cat([input_ids, torch.stack(out, 1)], 1)
 

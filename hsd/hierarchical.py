@@ -17,7 +17,7 @@ from hsd.eagle2 import Eagle2Config, draft_tree, greedy_accept
 from hsd.engine import Engine
 from hsd.kernels.attention import MAX_NEW_TOKENS
 from hsd.sampling import accept_chain, finish, select
-from hsd.stats import Stats, now
+from hsd.stats import Clock, Stats
 
 
 @dataclasses.dataclass
@@ -53,20 +53,21 @@ class HierarchicalPipeline:
                     steps=(cfg.tree.total_tokens, 1))
         eos = set(eos.tolist())
         stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
-        start = now(target.device)
+        clock = Clock(target.device)
+        start = clock()
         root = select(target.prefill(input_ids)[0][0], temperature)
         _, features = mid.prefill(input_ids)
         head.cache.reset()
         root_hidden = head.extend(torch.cat([input_ids[:, 1:], root.view(1, 1)], 1), features)[0]
-        stats.prefill_s = now(target.device) - start
+        clock.add("prefill_s", start, clock())
         last = int(root)   # the newest token, known on the host
         out, done = [last], last in eos
-        begin = now(target.device)
+        begin = clock()
         while len(out) < max_new_tokens and not done:
-            tick = now(target.device)
+            tick = clock()
             mid_len, head_len = mid.cache.length.clone(), head.cache.length.clone()  # rollback points
             seq, feats = self._sequence_draft(root, root_hidden)
-            stats.draft_s += (tock := now(target.device)) - tick
+            tock = clock.add("draft_s", tick, clock())
             drafts = seq[:cfg.chain - 1]
             chain = torch.tensor([[last, *drafts, *[drafts[-1]] * (cfg.chain - 1 - len(drafts))]],
                                  device=target.device)
@@ -78,19 +79,20 @@ class HierarchicalPipeline:
             n, last = torch.cat([n, nxt]).tolist()   # the step's one host read
             nxt = nxt[0]
             target.accept(torch.arange(n + 1, device=target.device)[None])
-            stats.verify_s += (tick := now(target.device)) - tock
+            tick = clock.add("verify_s", tock, clock())
             if n == len(seq):  # every draft kept: I has not yet run the last one
                 _, hidden = mid.verify_chain(torch.tensor([[seq[-1]]], device=mid.device))
                 feats = torch.cat([feats, hidden[0]])
             mid.cache.length.copy_(mid_len + n + 1)     # the newest token and the kept drafts
             head.cache.length.copy_(head_len + n)
             root, root_hidden = nxt, head.extend(nxt.view(1, 1), feats[n].view(1, 1, -1))[0]
-            stats.draft_s += now(target.device) - tick
+            clock.add("draft_s", tick, clock())
             new = [*drafts[:n], last]
             out += new
             done = not eos.isdisjoint(new)
             stats.target_steps += 1
-        stats.decode_s = now(target.device) - begin
+        clock.add("decode_s", begin, clock())
+        clock.settle(stats)
         self.stats = stats
         return finish(input_ids, [out], max_new_tokens, eos, stats)
 

@@ -15,7 +15,7 @@ from hsd.hierarchical import hierarchical_pipeline
 from hsd.passes import FuseRMSNormQuant, LowBitActivations
 from hsd.passes.w4a8 import KIND_OF_BITS
 from hsd.sampling import accept_chain, finish, probs, select
-from hsd.stats import Stats, now
+from hsd.stats import Clock, Stats
 
 
 @dataclasses.dataclass
@@ -72,21 +72,22 @@ class DraftPipeline:
         draft.prepare(input_ids, max_new_tokens, room=k + 1, steps=(1,) if self.shared else (1, 2))
         eos = set(eos.tolist())
         stats = Stats(prompt_tokens=input_ids.shape[1], target_steps=1)
-        start = now(target.device)
+        clock = Clock(target.device)
+        start = clock()
         first = select(target.prefill(input_ids)[0], temperature)          # [B]
         if not self.shared:
             draft.prefill(input_ids)
-        stats.prefill_s = now(target.device) - start
+        clock.add("prefill_s", start, clock())
         rows = [[t] for t in first.tolist()]
         active = [t not in eos and max_new_tokens > 1 for t in first.tolist()]
         pending = [first[:, None]]
-        begin = now(target.device)
+        begin = clock()
         while any(active):
-            tick = now(target.device)
+            tick = clock()
             tokens, q = self._draft(pending, k, temperature)                  # [B, k], [B, k, V]
             if self.shared:  # verification rewrites the k slots the draft just filled
                 target.cache.length -= k
-            stats.draft_s += (tock := now(target.device)) - tick
+            tock = clock.add("draft_s", tick, clock())
             logits, _ = target.verify_chain(torch.cat([pending[-1], tokens], 1))
             n, nxt = accept_chain(logits, tokens, q, temperature)
             # a chain's accepted prefix already sits in place: no K/V moves, only lengths
@@ -103,9 +104,10 @@ class DraftPipeline:
                 n_0 = steps[0][0]
                 draft.cache.length -= (k - 1) - min(n_0, k - 1)
                 pending = [tokens[:, k - 1:], nxt[:, None]] if n_0 == k else [nxt[:, None]]
-            stats.verify_s += now(target.device) - tock
+            clock.add("verify_s", tock, clock())
             stats.target_steps += 1
-        stats.decode_s = now(target.device) - begin
+        clock.add("decode_s", begin, clock())
+        clock.settle(stats)
         self.stats = stats
         return finish(input_ids, rows, max_new_tokens, eos, stats, pad)
 

@@ -166,6 +166,12 @@ class W4A16(Scheme):
         return qweight, scales, zeros
 
 
+def quantize_input(graph: torch.fx.Graph, x, kind: str) -> tuple:
+    """Insert ``hsd::quantize_per_token(x, kind)``; returns its (q, scale) nodes."""
+    q = graph.call_function(torch.ops.hsd.quantize_per_token.default, (x, kind))
+    return tuple(graph.call_function(operator.getitem, (q, i)) for i in (0, 1))
+
+
 QUANT_SCHEMES: dict[str, Scheme] = {}
 
 

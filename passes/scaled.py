@@ -6,12 +6,10 @@ int8 in -127..127, or float8_e4m3fn), and emit ``hsd::quantize_per_token(x, kind
 quantization of a normed hidden state into the RMSNorm. ``hsd.compile(quant="w8a8")`` also runs
 ``SmoothQuant`` first. Neither scheme has groups: ``group_size`` is ignored.
 """
-import operator
-
 import torch
 
 from hsd.kernels import scaled_mm
-from hsd.passes.linear import Scheme, register_scheme
+from hsd.passes.linear import Scheme, quantize_input, register_scheme
 
 
 class W8A8(Scheme):
@@ -25,8 +23,7 @@ class W8A8(Scheme):
         return scaled_mm.quantize_weight(w, self.kind)
 
     def emit(self, graph, x, attrs, bias, tensors):
-        q = graph.call_function(torch.ops.hsd.quantize_per_token.default, (x, self.kind))
-        xq, xscale = (graph.call_function(operator.getitem, (q, i)) for i in (0, 1))
+        xq, xscale = quantize_input(graph, x, self.kind)
         return graph.call_function(torch.ops.hsd.scaled_mm.default,
                                    (xq, xscale, attrs["wq"], attrs["wscale"], bias))
 

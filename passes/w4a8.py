@@ -6,23 +6,19 @@ The schemes "w4a8" (int8 activations) and "w4a4" (int4 activations, -7..7) store
 W4A16 GEMMs of an already quantized graph into these, reading the very same weight attributes:
 QSpec's draft mode. (Rotations for W4A4, e.g. QuaRot's Hadamards, are a separate pass in front.)
 """
-import operator
-
 import torch
 import torch.fx
 
 from hsd.kernels import w4a8
 from hsd.passes.base import Pass
-from hsd.passes.linear import W4A16, _fetch, register_scheme
+from hsd.passes.linear import W4A16, _fetch, quantize_input, register_scheme
 
 KIND_OF_BITS = {8: "int8", 4: "int4"}
 
 
 def emit_low_bit(graph: torch.fx.Graph, x, qweight, scales, zeros, bias, group_size: int, kind: str):
     """Insert quantize_per_token(x, kind) and the int8-MMA GEMM; returns the GEMM node."""
-    q = graph.call_function(torch.ops.hsd.quantize_per_token.default, (x, kind))
-    xq = graph.call_function(operator.getitem, (q, 0))
-    xscale = graph.call_function(operator.getitem, (q, 1))
+    xq, xscale = quantize_input(graph, x, kind)
     return graph.call_function(torch.ops.hsd.w4a8_linear.default,
                                (xq, xscale, qweight, scales, zeros, bias, group_size))
 
