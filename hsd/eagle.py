@@ -22,6 +22,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from hsd.kernels import w4a16
 from hsd.kernels.attention import MAX_NEW_TOKENS
 from hsd.kv_cache import KVCache
 from hsd.lowering.cuda_graphs import GraphedStep
@@ -95,12 +96,15 @@ class EagleHead(nn.Module):
             self.embed_tokens = nn.Embedding(config.vocab_size, h)
         self.cache = None
         self._shared = None
+        self._lm_head_w4 = None   # (qweight, scales, zeros, bias, group) when drafting from 4 bits
         self._steps = {}  # (new entries, mask size) -> CUDA-graphed forward
         self._masks = {}
 
-    def attach(self, target):
+    def attach(self, target, quantize_lm_head: bool = False):
         """Share the lm_head and embedding of ``target`` (a Hugging Face causal LM) and move to
-        its device and dtype."""
+        its device and dtype. ``quantize_lm_head``: draft logits come from a 4-bit copy of the
+        lm_head (W4A16, g128 or per channel): a draft round reads a quarter of its bytes (1 GB
+        of fp16 for Llama-3's vocabulary); drafts only, the target verifies with its own."""
         for key in ("hidden_size", "vocab_size"):
             mine, theirs = getattr(self.config, key), getattr(target.config, key)
             if mine != theirs:
@@ -111,6 +115,11 @@ class EagleHead(nn.Module):
                              "with weights=): an EAGLE head needs them materialised")
         # a tuple keeps the target's modules out of the head's module tree and state
         self._shared = shared
+        self._lm_head_w4 = None
+        if quantize_lm_head:
+            w = shared[1].weight.detach()
+            group = 128 if w.shape[1] % 128 == 0 else -1
+            self._lm_head_w4 = (*w4a16.quantize_rtn(w, group), None, w.shape[1] if group == -1 else group)
         param = next(target.parameters())
         return self.to(device=param.device, dtype=param.dtype)
 
@@ -149,6 +158,8 @@ class EagleHead(nn.Module):
         return self._steps[key](tokens=tokens, features=features, positions=positions, tree_mask=tree_mask)
 
     def logits(self, hidden):
+        if self._lm_head_w4 is not None:
+            return torch.ops.hsd.w4a16_linear(hidden, *self._lm_head_w4)
         return self._shared[1](hidden)
 
     def extend(self, tokens, features):

@@ -39,7 +39,7 @@ class HierarchicalPipeline:
     def __init__(self, target: Engine, intermediate: Engine, head: EagleHead, config: HierarchicalConfig):
         config.validate()
         target.check_drafter(intermediate, "intermediate")
-        head.attach(intermediate.model)
+        head.attach(intermediate.model, config.tree.quantize_lm_head)
         head.allocate_cache(intermediate.cache.max_seq_len)
         self.target, self.mid, self.head, self.config = target, intermediate, head, config
         self.stats = Stats()

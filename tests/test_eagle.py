@@ -15,7 +15,7 @@ from hsd import testing
 from hsd.eagle import load_eagle_head, save_random_eagle_head
 from hsd.eagle2 import Eagle2Config, Eagle2Pipeline, _rerank, draft_tree, greedy_accept
 
-SMALL_TREE = Eagle2Config(depth=3, top_k=4, total_tokens=12)
+SMALL_TREE = Eagle2Config(depth=3, top_k=4, total_tokens=12, quantize_lm_head=False)
 
 
 def build(config, seed, tree=SMALL_TREE, max_seq_len=64, prefill_chunk=4):
@@ -297,3 +297,19 @@ def test_a_target_without_materialised_embedding_is_refused(head_dir):
     with pytest.raises(ValueError, match="on the meta device"):
         load_eagle_head(path, skeleton)
 
+
+
+def test_quantized_draft_lm_head_is_the_w4a16_lm_head(head_dir):
+    """quantize_lm_head: the head's logits are the round-to-nearest W4A16 lm_head's."""
+    from hsd.kernels import w4a16
+    path, model = head_dir
+    config = model.config
+    head = load_eagle_head(path, model)
+    hidden = torch.randn(3, config.hidden_size)
+    exact = head.logits(hidden)
+    head.attach(model, quantize_lm_head=True)
+    w = model.lm_head.weight
+    group = 128 if w.shape[1] % 128 == 0 else w.shape[1]
+    expected = w4a16.w4a16_linear_reference(hidden, *w4a16.quantize_rtn(w, group), None, group)
+    torch.testing.assert_close(head.logits(hidden), expected)
+    assert testing.sqnr_db(exact, head.logits(hidden)) > 15
