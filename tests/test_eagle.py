@@ -299,6 +299,7 @@ def test_a_target_without_materialised_embedding_is_refused(head_dir):
 
 
 
+@torch.no_grad()
 def test_quantized_draft_lm_head_is_the_w4a16_lm_head(head_dir):
     """quantize_lm_head: the head's logits are the round-to-nearest W4A16 lm_head's."""
     from hsd.kernels import w4a16
