@@ -1,6 +1,7 @@
 """RotateHadamard: QuaRot's orthogonal rotations folded into the weights, so 4-bit per-token
 activations see no outlier channels."""
 import operator
+import weakref
 
 import torch
 import torch.fx
@@ -82,7 +83,10 @@ class RotateHadamard(Pass):
 
     def __init__(self, seed: int = 0):
         self.seed = seed
-        self._done = {}  # attribute name -> rotated tensor, shared by every step graph of the model
+        # attribute name -> rotated tensor, shared by the step graphs that hold it. Weak: once
+        # QuantizeLinear has replaced a rotated Linear weight in every graph, its 16-bit copy is
+        # freed (a later step graph rotates it again) instead of doubling the model's memory.
+        self._done = weakref.WeakValueDictionary()
 
     def settings(self):
         return {"seed": self.seed}
@@ -153,11 +157,12 @@ class RotateHadamard(Pass):
 
     def _set(self, gm, node, target, fn):
         """Point get_attr ``node`` at ``target`` = fn(its tensor), computed once per target."""
-        if target not in self._done:
+        rotated = self._done.get(target)
+        if rotated is None:
             t = gm.get_buffer(node.target)
             work = torch.float64 if t.dtype == torch.float64 else torch.float32
-            self._done[target] = fn(t.to(work)).to(t.dtype)
-        set_attr(gm, target, self._done[target])
+            rotated = self._done[target] = fn(t.to(work)).to(t.dtype)
+        set_attr(gm, target, rotated)
         node.target = target
 
     def _rewrite_linear(self, gm, node, role, plan):

@@ -144,3 +144,18 @@ def test_meta_weights_raise():
         model = testing.tiny_model(config)
     with pytest.raises(PassError, match="meta device"):
         PassManager([RotateHadamard()])(capture(model, 1, 3))
+
+
+def test_rotated_linear_weights_are_released_once_quantized():
+    """The pass's cache is weak: after QuantizeLinear replaced them, no 16-bit rotated Linear
+    weight stays alive (they would double a model's memory)."""
+    import gc
+    from hsd.passes import FuseSiblingLinears, QuantizeLinear
+    config = testing.tiny_config()
+    model = randomize(testing.tiny_model(config), 0)
+    rotate = RotateHadamard()
+    gm, _ = PassManager([rotate, FuseSiblingLinears(), QuantizeLinear(group_size=32)])(capture(model, 1, 3))
+    gc.collect()
+    kept = set(rotate._done.keys())
+    assert not any(name.endswith("proj.weight") for name in kept), kept
+    assert "lm_head.weight" in kept   # still read by the graph: shared with the next step graph
