@@ -20,7 +20,7 @@ import pathlib
 import torch
 import triton
 
-from hsd.kernels import scaled_mm, w4a16, w4a8
+from hsd.kernels import scaled_mm, tuning, w4a16, w4a8
 from hsd.kernels.timing import bench_us
 
 LAYERS = {  # (N, K) of qkv, o, gate_up, down
@@ -196,7 +196,7 @@ def main():
     name = torch.cuda.get_device_name()
     if args.tune:
         shapes = [s for layer in LAYERS.values() for s in layer]
-        print("tuned table:", w4a16.tune(shapes, path=out / f"w4a16_{w4a16._slug(name)}.json"), flush=True)
+        print("tuned table:", w4a16.tune(shapes, path=out / tuning.path("w4a16", name).name), flush=True)
     report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   group_size=GROUP, timing="median of CUDA-graph replays (triton.testing.do_bench), L2 cleared before each",

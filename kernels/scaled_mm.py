@@ -24,7 +24,6 @@ Configs come per (M bucket, N, K) from ``configs/scaled_mm_<gpu>.json`` or ``def
 int8 and fp8 share them (the same bytes stream through MMAs of the same rate, IGMMA / QGMMA).
 ``bench_linear`` builds the whole quantized linear (activation quant + GEMM) for benchmarks.
 """
-import functools
 import json
 import math
 import pathlib
@@ -33,12 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry
+from hsd.kernels import registry, tuning
 from hsd.kernels.act_quant import check_kind
 from hsd.kernels.timing import bench_us
 
-CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 WEIGHT_KINDS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
@@ -121,28 +118,7 @@ def _scaled_mm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, strid
 
 # --------------------------------------------------------------------------- configs
 
-def _bucket(m: int) -> int:
-    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
-
-
-def _load_tables() -> dict:
-    """{device name: {"N,K": {"M bucket": config}}} from configs/scaled_mm_*.json."""
-    tables = {}
-    for path in sorted(CONFIG_DIR.glob("scaled_mm_*.json")):
-        data = json.loads(path.read_text())
-        tables[data["device"]] = data["configs"]
-    return tables
-
-
-_TABLES = _load_tables()
-
-
-@functools.lru_cache(maxsize=None)
-def _device_info(device: torch.device):
-    if device.type != "cuda":
-        return "cpu", 132  # the interpreter: same rule as an H100, so CPU tests cover GPU configs
-    p = torch.cuda.get_device_properties(device)
-    return p.name, p.multi_processor_count
+_TABLES = tuning.load("scaled_mm")
 
 
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
@@ -162,9 +138,9 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    name, sms = _device_info(device)
-    table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
-    return table.get(f"{n},{k}", {}).get(str(_bucket(m))) or default_config(m, n, k, sms)
+    name, sms = tuning.device_info(device)
+    entry = tuning.for_device(_TABLES, name).get(f"{n},{k}", {})
+    return entry.get(str(tuning.bucket(m))) or default_config(m, n, k, sms)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -205,16 +181,13 @@ def scaled_mm_triton(xq, xscale, wq, wscale, bias, config=None):
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     assert all(b > 0 and b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
     assert min(block_m, block_n) >= 16 and block_k >= 32, cfg  # 8-bit MMAs: K steps of 32
-    k_tiles = triton.cdiv(k, block_k)
-    tiles_per_split = triton.cdiv(k_tiles, cfg["SPLIT_K"])
-    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=xq.device, dtype=wscale.dtype)
+    grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, cfg["SPLIT_K"],
+                                                     xq.device, wscale.dtype)
     if m == 0:
         return y.reshape(*xq.shape[:-1], n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     _scaled_mm_kernel[grid](x2, xs, wq, wscale, bias, y, m, n, k, x2.stride(0), y.stride(0),
                             tiles_per_split, IS_INT=xq.dtype == torch.int8, HAS_BIAS=bias is not None,
-                            ATOMIC=split > 1,
+                            ATOMIC=grid[2] > 1,
                             WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], BLOCK_M=block_m, BLOCK_N=block_n,
                             BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*xq.shape[:-1], n)
@@ -274,16 +247,15 @@ def candidate_configs(m: int, n: int, k: int, sms: int = 132):
                            WEIGHTS_AS_A=swap, num_warps=warps, num_stages=stages)
 
 
-def tune(shapes, m_buckets=M_BUCKETS, kind: str = "int8", path=None, rep_ms: int = 5,
+def tune(shapes, m_buckets=tuning.M_BUCKETS, kind: str = "int8", path=None, rep_ms: int = 5,
          budget_s: float = math.inf, verbose: bool = True):
     """Time ``candidate_configs`` per (M bucket, N, K) on this GPU (GEMM only, ``kind``
     operands) and write the fastest to ``path`` (default configs/scaled_mm_<gpu>.json) after
     every M bucket; stops trying configs after ``budget_s`` seconds."""
     import time
     start = time.perf_counter()
-    name, sms = _device_info(torch.device("cuda"))
-    slug = next((w for w in name.lower().replace("-", " ").split() if any(c.isdigit() for c in w)), "gpu")
-    path = pathlib.Path(path or CONFIG_DIR / f"scaled_mm_{slug}.json")
+    name, sms = tuning.device_info(torch.device("cuda"))
+    path = pathlib.Path(path or tuning.path("scaled_mm", name))
     table = _TABLES.setdefault(name, {})
     for m in m_buckets:
         for n, k in shapes:

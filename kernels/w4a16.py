@@ -29,7 +29,6 @@ BLOCK_M 16..64) and "gemv" (CUDA cores, one row per program, for M <= 4).
 ``benchmarks/sass_stats.py`` compiles every config for sm_90 without a GPU and counts the
 instructions that matter.
 """
-import functools
 import json
 import math
 import pathlib
@@ -38,12 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry
+from hsd.kernels import registry, tuning
 from hsd.kernels.timing import bench_us
 
 SYMMETRIC_ZERO = 8
-CONFIG_DIR = pathlib.Path(__file__).with_name("configs")
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def group_length(k: int, group_size: int) -> int:
@@ -327,28 +324,7 @@ _KERNELS = {"mma": _w4a16_mma_kernel, "gemv": _w4a16_gemv_kernel}
 
 # --------------------------------------------------------------------------- configs
 
-def _bucket(m: int) -> int:
-    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
-
-
-def _load_tables() -> dict:
-    """{device name: {"N,K": {"M bucket": config}}} from every JSON file in configs/."""
-    tables = {}
-    for path in sorted(CONFIG_DIR.glob("w4a16_*.json")):
-        data = json.loads(path.read_text())
-        tables[data["device"]] = data["configs"]
-    return tables
-
-
-_TABLES = _load_tables()
-
-
-@functools.lru_cache(maxsize=None)
-def _device_info(device: torch.device):
-    if device.type != "cuda":
-        return "cpu", 132  # the interpreter: same rule as an H100, so CPU tests cover GPU configs
-    p = torch.cuda.get_device_properties(device)
-    return p.name, p.multi_processor_count
+_TABLES = tuning.load("w4a16")
 
 
 def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
@@ -371,9 +347,9 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    name, sms = _device_info(device)
-    table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
-    return table.get(f"{n},{k}", {}).get(str(_bucket(m))) or default_config(m, n, k, sms)
+    name, sms = tuning.device_info(device)
+    entry = tuning.for_device(_TABLES, name).get(f"{n},{k}", {})
+    return entry.get(str(tuning.bucket(m))) or default_config(m, n, k, sms)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -418,15 +394,11 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
         assert block_m == 1 and block_k >= 8, cfg
     else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
         assert min(block_m, block_n, block_k // 8) >= 16, cfg
-    k_tiles = triton.cdiv(k, block_k)
-    tiles_per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device, dtype=x.dtype)
+    grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, split, x.device, x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     consts = dict(G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-                  SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=split > 1,
+                  SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=grid[2] > 1,
                   EVEN=n % block_n == 0 and k % block_k == 0,
                   ASM=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16),
                   BLOCK_N=block_n, BLOCK_K=block_k)
@@ -464,20 +436,14 @@ def candidate_configs(m: int, n: int, k: int):
                            WEIGHTS_AS_A=swap)
 
 
-def _slug(device_name: str) -> str:
-    """"NVIDIA H100 80GB HBM3" -> "h100": the first word with a digit in it."""
-    words = device_name.lower().replace("-", " ").split()
-    return next((w for w in words if any(c.isdigit() for c in w)), "_".join(words))
-
-
-def tune(shapes, m_buckets=M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
+def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
          rep_ms: int = 5, verbose: bool = True, device="cuda") -> pathlib.Path:
     """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU;
     merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table.
     The file is rewritten after every shape, so an interrupted run keeps what it measured."""
     device = torch.device(device)
-    name = _device_info(device)[0]
-    path = pathlib.Path(path or CONFIG_DIR / f"w4a16_{_slug(name)}.json")
+    name = tuning.device_info(device)[0]
+    path = pathlib.Path(path or tuning.path("w4a16", name))
     old = json.loads(path.read_text()) if path.exists() else {}
     table = old.get("configs", {}) if old.get("device") == name else {}
     _TABLES[name] = table

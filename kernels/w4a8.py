@@ -32,11 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry, w4a16
+from hsd.kernels import registry, tuning, w4a16
 from hsd.kernels.timing import bench_us
 from hsd.kernels.w4a16 import _k_range, _load_tile, _write
 
-M_BUCKETS = w4a16.M_BUCKETS
 
 
 def w4a8_linear_reference(xq, xscale, qweight, scales, zeros, bias, group_size: int):
@@ -143,16 +142,7 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, st
 
 # --------------------------------------------------------------------------- configs
 
-def _load_table() -> dict:
-    """{device name: {"N,K": {"M bucket": config}}} from configs/w4a8_*.json."""
-    tables = {}
-    for path in sorted(w4a16.CONFIG_DIR.glob("w4a8_*.json")):
-        data = json.loads(path.read_text())
-        tables[data["device"]] = data["configs"]
-    return tables
-
-
-_TABLES = _load_table()
+_TABLES = tuning.load("w4a8")
 
 
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
@@ -170,9 +160,8 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """The table's entry for the smallest tuned M bucket >= m (the table holds a few buckets,
     e.g. 1, 16, 64: M = 2..16 take 16's), else ``default_config``."""
-    name, sms = w4a16._device_info(device)
-    table = _TABLES.get(name) or next((t for d, t in _TABLES.items() if "H100" in d), {})
-    entry = table.get(f"{n},{k}", {})
+    name, sms = tuning.device_info(device)
+    entry = tuning.for_device(_TABLES, name).get(f"{n},{k}", {})
     bucket = min((int(b) for b in entry if m <= int(b)), default=None)
     return entry[str(bucket)] if bucket is not None else default_config(m, n, k, sms)
 
@@ -229,16 +218,13 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
     # tl.dot needs M, N >= 16 and the int8 MMA K >= 32 on the GPU (the interpreter accepts less)
     assert all(b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
     assert block_m >= 16 and block_n >= 16 and block_k >= 32, cfg
-    k_tiles = triton.cdiv(k, block_k)
-    tiles_per_split = triton.cdiv(k_tiles, cfg["SPLIT_K"])
-    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=xq.device, dtype=scales.dtype)
+    grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, cfg["SPLIT_K"],
+                                                     xq.device, scales.dtype)
     if m == 0:
         return y.reshape(*xq.shape[:-1], n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     _w4a8_kernel[grid](x2, xs, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
                        tiles_per_split, G=group_size, HAS_ZEROS=zeros is not None,
-                       HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, ATOMIC=split > 1,
+                       HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, ATOMIC=grid[2] > 1,
                        WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), ASM=xq.is_cuda,
                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -293,8 +279,8 @@ def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, rep_ms
     """Time ``candidate_configs`` per (N, K) in ``shapes`` and M bucket on this GPU and write the
     fastest to ``path`` (default ``configs/w4a8_<gpu>.json``) and the live table."""
     device = torch.device(device)
-    name = w4a16._device_info(device)[0]
-    path = path or w4a16.CONFIG_DIR / f"w4a8_{w4a16._slug(name)}.json"
+    name = tuning.device_info(device)[0]
+    path = path or tuning.path("w4a8", name)
     table = _TABLES.setdefault(name, {})
     for n, k in shapes:
         x, qweight, scales, _ = random_inputs(max(m_buckets), n, k, group_size, device=device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hsd.kernels import registry, w4a16
+from hsd.kernels import registry, tuning, w4a16
 from hsd.kernels.w4a16 import (dequantize, pack, quantize_rtn, unpack, w4a16_linear_reference,
                                w4a16_linear_triton)
 
@@ -180,7 +180,7 @@ def test_default_config_rule():
 
 def test_candidates_are_valid_configs():
     x, qw, s, z, b = make_case(1, 64, 256, 128, True, torch.float32)
-    for m in w4a16.M_BUCKETS:
+    for m in tuning.M_BUCKETS:
         cands = list(w4a16.candidate_configs(m, 4096, 4096))
         assert cands and all(c["BLOCK_M"] <= 64 for c in cands)
         assert any(c["KERNEL"] == "gemv" for c in cands) == (m <= 4)
@@ -190,8 +190,7 @@ def test_config_table_lookup(tmp_path, monkeypatch):
     cfg = mma(32, split=4)
     path = tmp_path / "w4a16_test.json"
     path.write_text(json.dumps({"device": "cpu", "configs": {"96,256": {"8": cfg}}}))
-    monkeypatch.setattr(w4a16, "CONFIG_DIR", tmp_path)
-    monkeypatch.setattr(w4a16, "_TABLES", w4a16._load_tables())
+    monkeypatch.setattr(w4a16, "_TABLES", tuning.load("w4a16", tmp_path))
     cpu = torch.device("cpu")
     assert w4a16.get_config(5, 96, 256, cpu) == cfg          # bucket 8 holds M = 5..8
     assert w4a16.get_config(9, 96, 256, cpu) == w4a16.default_config(9, 96, 256)
@@ -220,11 +219,6 @@ def test_tune_picks_the_fastest_and_updates_the_table(tmp_path, monkeypatch):
     for bucket, cfg in table["configs"]["128,256"].items():
         assert cfg["KERNEL"] == "mma" and cfg["BLOCK_N"] == 128
         assert w4a16.get_config(int(bucket), 128, 256, torch.device("cpu")) == cfg
-
-
-def test_slug():
-    assert w4a16._slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert w4a16._slug("NVIDIA A100-SXM4-80GB") == "a100"
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hsd.kernels import registry, w4a8, w4a16
+from hsd.kernels import registry, tuning, w4a8, w4a16
 from hsd.kernels.act_quant import dequantize as dequantize_act
 from hsd.kernels.act_quant import quantize_per_token_reference as quantize_act
 from hsd.kernels.w4a8 import w4a8_linear_reference, w4a8_linear_triton
@@ -187,7 +187,7 @@ def test_config_table_lookup(monkeypatch):
 def test_shipped_h100_table():
     """The table measured on the lent H100 (kernels/configs/w4a8_h100.json) covers the Llama-3-8B
     linears at M buckets 1, 16, 64, and its configs run."""
-    table = w4a8._load_table()["NVIDIA H100 80GB HBM3"]
+    table = tuning.load("w4a8")["NVIDIA H100 80GB HBM3"]
     for shape in ("6144,4096", "4096,4096", "28672,4096", "4096,14336"):
         assert set(table[shape]) == {"1", "16", "64"}
     check(make_case(3, 128, 256, 128, True, torch.float16), 128, table["4096,14336"]["1"])
