@@ -75,21 +75,28 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, TOP: tl.constex
     tl.store(s_ptr + row, scale)
 
 
-@registry.register("quantize_per_token", "cuda", "triton")
-@registry.register("quantize_per_token", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def quantize_per_token_triton(x: torch.Tensor, kind: str, block: int = 4096):
-    dtype, top = check_kind(kind)
-    if not x.is_floating_point() or x.dim() == 0:
-        raise ValueError(f"quantize_per_token: x must be a float tensor [..., K], got {x.dtype} {tuple(x.shape)}")
+def row_outputs(x: torch.Tensor, kind: str, block: int):
+    """For a kernel with one program per token: (x as rows [R, K] with unit stride, q [R, K],
+    scale [R], BLOCK, num_warps). Callers reshape q and scale back to x's leading shape."""
+    dtype, _ = check_kind(kind)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     q = torch.empty(x2.shape, device=x.device, dtype=dtype)
     scale = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
+    block = min(block, triton.next_power_of_2(k))
+    return x2, q, scale, block, 4 if block <= 1024 else 8
+
+
+@registry.register("quantize_per_token", "cuda", "triton")
+@registry.register("quantize_per_token", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
+def quantize_per_token_triton(x: torch.Tensor, kind: str, block: int = 4096):
+    dtype, top = check_kind(kind)
+    if not x.is_floating_point() or x.dim() == 0:
+        raise ValueError(f"quantize_per_token: x must be a float tensor [..., K], got {x.dtype} {tuple(x.shape)}")
+    x2, q, scale, block, warps = row_outputs(x, kind, block)
     if x2.numel():
-        block = min(block, triton.next_power_of_2(k))
-        _quantize_per_token_kernel[(x2.shape[0],)](x2, q, scale, k, x2.stride(0), TOP=top,
-                                                   IS_INT=dtype == torch.int8, BLOCK=block,
-                                                   num_warps=4 if block <= 1024 else 8)
+        _quantize_per_token_kernel[(x2.shape[0],)](x2, q, scale, x2.shape[1], x2.stride(0), TOP=top,
+                                                   IS_INT=dtype == torch.int8, BLOCK=block, num_warps=warps)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from hsd.kernels import registry
-from hsd.kernels.act_quant import check_kind, quantize_block, quantize_per_token_reference
+from hsd.kernels.act_quant import check_kind, quantize_block, quantize_per_token_reference, row_outputs
 
 
 def _check(x, weight, eps, kind, dtypes=(torch.float16, torch.bfloat16, torch.float32)):
@@ -79,15 +79,8 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, TOP: tl.
 def rmsnorm_quant_triton(x, weight, eps: float, kind: str, block: int = 4096):
     _check(x, weight, eps, kind)
     dtype, top = check_kind(kind)
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    q = torch.empty(x2.shape, device=x.device, dtype=dtype)
-    scale = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
+    x2, q, scale, block, warps = row_outputs(x, kind, block)
     if x2.numel():
-        block = min(block, triton.next_power_of_2(k))
-        _rmsnorm_quant_kernel[(x2.shape[0],)](x2, weight.contiguous(), q, scale, k, x2.stride(0), eps,
-                                              TOP=top, IS_INT=dtype == torch.int8, BLOCK=block,
-                                              num_warps=4 if block <= 1024 else 8)
+        _rmsnorm_quant_kernel[(x2.shape[0],)](x2, weight.contiguous(), q, scale, x2.shape[1], x2.stride(0), eps,
+                                              TOP=top, IS_INT=dtype == torch.int8, BLOCK=block, num_warps=warps)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
