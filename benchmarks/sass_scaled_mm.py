@@ -8,11 +8,8 @@ QGMMA are Hopper's wgmma; IMMA / HMMA the older mma.sync path).
 """
 import argparse
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from sass_stats import sass_stats
+from sass_stats import compile_kernel, sass_stats
 from hsd.kernels import scaled_mm
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
@@ -20,18 +17,11 @@ MMAS = ("IGMMA", "QGMMA", "IMMA", "HMMA")
 
 
 def compile_config(cfg, dtype: str, arch: int):
-    sig = dict(x_ptr=f"*{dtype}", xs_ptr="*fp32", w_ptr=f"*{dtype}", ws_ptr="*fp16", b_ptr="*fp16",
-               y_ptr="*fp16")
-    sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
+    ptrs = dict(x_ptr=dtype, xs_ptr="fp32", w_ptr=dtype, ws_ptr="fp16", b_ptr="fp16", y_ptr="fp16")
     consts = dict(IS_INT=dtype == "i8", HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
                   WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"])
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split") and i < 12]
-    src = ASTSource(fn=scaled_mm._scaled_mm_kernel, signature=sig, constexprs=consts,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return compile_kernel(scaled_mm._scaled_mm_kernel, ptrs, consts, cfg, arch)
 
 
 def main():

@@ -27,11 +27,23 @@ BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SHOWN = ("LOP3", "SHF", "PRMT", "HADD2", "FFMA", "HMMA", "HGMMA", "LDG", "LDGSTS", "STS", "LDS", "BAR")
 
 
+def compile_kernel(fn, pointers: dict, consts: dict, cfg: dict, arch: int):
+    """triton.compile ``fn`` for sm_<arch>: ``pointers`` (name -> element type) first, then the i32
+    scalars M, N, K, stride_xm, stride_ym, tiles_per_split, then ``consts``; every pointer and
+    every scalar but M and tiles_per_split is declared 16-divisible, as the launchers pass them."""
+    sig = {name: f"*{t}" for name, t in pointers.items()}
+    sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
+    aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split")]
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
 def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096, even=True, asm=True):
     kernel = w4a16._KERNELS[cfg["KERNEL"]]
     ptrs = dict(x_ptr=dtype, qw_ptr="i32", s_ptr=dtype, z_ptr=dtype, b_ptr=dtype, y_ptr=dtype)
-    sig = {name: f"*{t}" for name, t in ptrs.items()}
-    sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
     consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
                   SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k, EVEN=even,
                   ASM=asm and dtype != "fp32",
@@ -39,12 +51,7 @@ def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096, even=True, a
     if cfg["KERNEL"] == "mma":
         consts.update(PRECISION="tf32", WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", cfg["BLOCK_M"] >= 64),
                       BLOCK_M=cfg["BLOCK_M"])
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split") and i < 12]
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return compile_kernel(kernel, ptrs, consts, cfg, arch)
 
 
 def sass_stats(compiled):

@@ -13,31 +13,22 @@ import sys
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(__file__))
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from hsd.kernels import w4a8  # noqa: E402
-from sass_stats import sass_stats  # noqa: E402
+from sass_stats import compile_kernel, sass_stats  # noqa: E402
 
 SHOWN = ("LOP3", "SHF", "PRMT", "IMAD", "IADD3", "I2FP", "FFMA", "IMMA", "IGMMA", "LDGSTS", "STS",
          "LDS", "BAR")
 
 
 def compile_config(cfg, arch=90, group=128, k=4096, zeros=False):
-    sig = dict(xq_ptr="*i8", xs_ptr="*fp32", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16",
-               b_ptr="*fp16", y_ptr="*fp16")
-    sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
+    ptrs = dict(xq_ptr="i8", xs_ptr="fp32", qw_ptr="i32", s_ptr="fp16", z_ptr="fp16", b_ptr="fp16",
+                y_ptr="fp16")
     consts = dict(G=group, HAS_ZEROS=zeros, HAS_BIAS=False, PER_CHANNEL=group == k,
                   ATOMIC=cfg["SPLIT_K"] > 1, WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], ASM=True,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"] if group == k else group)
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split") and i < 13]
-    src = ASTSource(fn=w4a8._w4a8_kernel, signature=sig, constexprs=consts,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return compile_kernel(w4a8._w4a8_kernel, ptrs, consts, cfg, arch)
 
 
 def main():
