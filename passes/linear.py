@@ -211,15 +211,17 @@ class QuantizeLinear(Pass):
         self.include_lm_head = include_lm_head
         self.prequantized = prequantized or {}  # "<module>.qweight" / ".scales" / ... -> tensor
         self.hessians, self.act_order = hessians, act_order
+        self._calibration = None  # fingerprint of the calibration data (it changes the output too)
+        if hessians is not None:  # computed once: it reads every Hessian from the device
+            traces = repr(sorted((n, float(h.diagonal().sum())) for n, h in hessians.items()))
+            self._calibration = hashlib.sha256(traces.encode()).hexdigest()[:16]
         self._done = {}  # weight attribute -> quantized tensors, shared by every step graph
 
     def settings(self):
         settings = {"scheme": self.scheme.name, "group_size": self.group_size, "symmetric": self.symmetric,
                     "include_lm_head": self.include_lm_head}
-        if self.hessians is not None:  # the calibration data changes the output too
-            traces = repr(sorted((n, float(h.diagonal().sum())) for n, h in self.hessians.items()))
-            settings.update(quantizer="gptq", act_order=self.act_order,
-                            calibration=hashlib.sha256(traces.encode()).hexdigest()[:16])
+        if self.hessians is not None:
+            settings.update(quantizer="gptq", act_order=self.act_order, calibration=self._calibration)
         return settings
 
     def __call__(self, gm: torch.fx.GraphModule):
