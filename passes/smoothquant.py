@@ -6,6 +6,7 @@ Xiao et al.: per input channel j of the Linears that read one RMSNorm's output,
 channels, W * s absorbs them, and X / s costs nothing: it folds into the RMSNorm weight.
 """
 import collections
+import weakref
 
 import torch
 import torch.fx
@@ -41,7 +42,10 @@ class SmoothQuant(Pass):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"SmoothQuant alpha must lie in [0, 1], got {alpha}")
         self.absmax, self.alpha = absmax, alpha
-        self._done = {}  # attribute name -> smoothed tensor
+        # attribute name -> smoothed tensor, shared by the step graphs that hold it. Weak, as in
+        # RotateHadamard: once QuantizeLinear has replaced a smoothed weight, its 16-bit copy is
+        # freed (a later step graph smooths it again) instead of doubling the model's memory.
+        self._done = weakref.WeakValueDictionary()
 
     def settings(self):
         return {"alpha": self.alpha, "channels": sorted(self.absmax)}
@@ -64,15 +68,18 @@ class SmoothQuant(Pass):
         return node.args[1].op == "get_attr" and all(p in self.absmax for p in parts)
 
     def _smooth(self, gm, norm_target, weight_targets, parts):
-        if norm_target not in self._done:
+        targets = (norm_target, *weight_targets)
+        smoothed = [self._done.get(t) for t in targets]
+        if any(t is None for t in smoothed):
             get = gm.get_submodule("").get_buffer
             weights = [get(t) for t in weight_targets]
             x_max = torch.stack([self.absmax[p] for p in parts]).amax(0).double().clamp(min=1e-5)
             w_max = torch.cat(weights).abs().amax(0).double().clamp(min=1e-5)
             s = (x_max.pow(self.alpha) / w_max.pow(1 - self.alpha)).clamp(min=1e-5)
             norm = get(norm_target)
-            self._done[norm_target] = (norm.double() / s.to(norm.device)).to(norm.dtype)
-            for t, w in zip(weight_targets, weights):
-                self._done[t] = (w.double() * s.to(w.device)).to(w.dtype)
-        for t in (norm_target, *weight_targets):
-            set_attr(gm, t, self._done[t])
+            smoothed = [(norm.double() / s.to(norm.device)).to(norm.dtype),
+                        *((w.double() * s.to(w.device)).to(w.dtype) for w in weights)]
+            for t, tensor in zip(targets, smoothed):
+                self._done[t] = tensor
+        for t, tensor in zip(targets, smoothed):
+            set_attr(gm, t, tensor)

@@ -150,6 +150,22 @@ def test_smoothquant_improves_w8a8_on_outlier_channels():
     assert sqnr(model, ids, smoothed) > sqnr(model, ids, plain) + 6
 
 
+def test_smoothed_weights_are_shared_then_released_once_quantized():
+    """SmoothQuant's cache is weak: step graphs that still hold a smoothed tensor share it, and
+    no 16-bit smoothed Linear weight outlives its quantization."""
+    import gc
+    config = testing.tiny_config()
+    model = with_outlier_channels(config, 0)
+    smooth = SmoothQuant(activation_absmax(model, calibration.random_ids(config, n=2, length=16)))
+    first, second = (PassManager([smooth])(capture(model, 1, t))[0] for t in (1, 3))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert first.get_buffer(name).data_ptr() == second.get_buffer(name).data_ptr()
+    del first, second
+    PassManager([smooth, FuseSiblingLinears(), QuantizeLinear("w8a8")])(capture(model, 1, 5))
+    gc.collect()
+    assert not any(t.endswith("proj.weight") for t in smooth._done.keys()), list(smooth._done.keys())
+
+
 def test_calibration_data_choice():
     config = testing.tiny_config()
     model = testing.tiny_model(config)
