@@ -6,9 +6,11 @@ torch._scaled_mm on the linears of one Llama-3 layer.
 For every M in 1..128 tokens it sums the time of the four linears of one decoder layer (Llama-3-8B
 and -70B): W4A16 g128, W4A8 / W4A4 g128 (int8 MMA), W8A8 and FP8 (per-token activation
 quantization included), and the anchors measured in the same run (the int8 / fp8 anchors without
-activation quantization or epilogue). Times are medians of CUDA-graph replays with the L2 cache
-cleared before each (hsd.kernels.timing). --tune first runs ``w4a16.tune`` for these shapes and writes the config table to
-$OUT/w4a16_<gpu>.json (copy it to kernels/configs/ to ship it).
+activation quantization or epilogue). Two timings (hsd.kernels.timing), both from CUDA graphs:
+"stream", each linear over its own weights back to back (what a decode step pays per layer), and
+"do_bench", one call after an L2 clear (the method of REFERENCE.md's anchors). --tune first runs
+``w4a16.tune`` for these shapes and writes the config table to $OUT/w4a16_<gpu>.json (copy it to
+kernels/configs/ to ship it).
 """
 import argparse
 import functools
@@ -21,7 +23,7 @@ import torch
 import triton
 
 from hsd.kernels import scaled_mm, tuning, w4a16, w4a8
-from hsd.kernels.timing import bench_us
+from hsd.kernels.timing import bench_stream_us, bench_us, stream_copies
 
 LAYERS = {  # (N, K) of qkv, o, gate_up, down
     "llama3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
@@ -30,6 +32,8 @@ LAYERS = {  # (N, K) of qkv, o, gate_up, down
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP = 128
 HBM_TBS = 3.02  # H100 device-to-device copy, TB/s (docs REFERENCE.md section 1)
+TIMINGS = ("stream", "do_bench")
+TINYGEMM = hasattr(torch, "_weight_int4pack_mm")
 
 
 def random_w4(n, k, dtype=torch.float16, zeros=False):
@@ -102,55 +106,68 @@ def _bytes(method, n, k):
 
 
 def _cases(n, k):
-    """method -> (M -> zero-arg callable running one [M, K] x [K, N] linear on random data)."""
-    qw, s, _ = random_w4(n, k)
-    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-    tg = tinygemm_weights(qw, s)
-
+    """method -> (M -> zero-arg callable running one [M, K] x [K, N] linear on random data). Each
+    call makes its own weights, so a stream of calls (``bench_stream_us``) reads distinct bytes."""
     def x(m, dtype=torch.float16):
         return torch.randn(m, k, device="cuda", dtype=dtype)
+
+    def w4a16_case(m):
+        qw, s, _ = random_w4(n, k)
+        return functools.partial(w4a16.w4a16_linear_triton, x(m), qw, s, None, None, GROUP)
+
+    def tinygemm_case(m):
+        tg = tinygemm_weights(*random_w4(n, k)[:2])
+        return functools.partial(torch._weight_int4pack_mm, x(m, torch.bfloat16), tg[0], GROUP, tg[1])
+
     return {
-        "w4a16_g128": lambda m: functools.partial(w4a16.w4a16_linear_triton, x(m), qw, s, None, None, GROUP),
+        "w4a16_g128": w4a16_case,
         "w4a8_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int8"),
         "w4a4_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int4"),
         "w8a8": lambda m: scaled_mm.bench_linear(m, n, k, "int8"),
         "fp8": lambda m: scaled_mm.bench_linear(m, n, k, "fp8"),
-        "cublas_fp16": lambda m: functools.partial(torch.nn.functional.linear, x(m), w),
-        "tinygemm_g128": tg and (lambda m: functools.partial(torch._weight_int4pack_mm, x(m, torch.bfloat16),
-                                                             tg[0], GROUP, tg[1])),
+        "cublas_fp16": lambda m: functools.partial(torch.nn.functional.linear, x(m),
+                                                   torch.randn(n, k, device="cuda", dtype=torch.float16)),
+        "tinygemm_g128": tinygemm_case if TINYGEMM else None,
         "int8_mm_anchor": lambda m: scaled_mm.bench_anchor(m, n, k, "int8"),
         "fp8_scaled_mm_anchor": lambda m: scaled_mm.bench_anchor(m, n, k, "fp8"),
     }
 
 
 def bench_model(shapes, methods, configs, per_linear):
-    """{method: {M: summed median us of the layer's linears, weight GB/s, TFLOP/s}}; the W4A16
-    configs used go into ``configs``, each linear's us into ``per_linear``. A method that fails
-    on this GPU (e.g. an anchor torch lacks) is recorded as None."""
-    us = {meth: {m: 0.0 for m in MS} for meth in methods}
+    """{timing: {method: {M: summed us of the layer's linears, weight GB/s, TFLOP/s}}} for both
+    timings of hsd.kernels.timing: "stream" (each linear over its own weights, back to back in
+    one graph, as in a decode step) and "do_bench" (one call, L2 cleared first, the REFERENCE.md
+    anchors' method). The W4A16 configs used go into ``configs``, each linear's us into
+    ``per_linear``. A method that fails on this GPU (e.g. an anchor torch lacks) is None."""
+    us = {timing: {meth: {m: 0.0 for m in MS} for meth in methods} for timing in TIMINGS}
     for n, k in shapes:
         cases = _cases(n, k)
         for meth in methods:
+            copies = stream_copies(_bytes(meth, n, k))
             for m in MS:
-                if cases[meth] is None or us[meth][m] is None:
-                    us[meth][m] = None
-                    continue
-                try:
-                    t = bench_us(cases[meth](m))
-                except Exception as e:
-                    print(f"  {meth} N={n} K={k} M={m}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    us[meth][m] = None
-                    continue
-                us[meth][m] += t
-                per_linear.setdefault(meth, {}).setdefault(f"{n},{k}", {})[str(m)] = t
+                for timing in TIMINGS:
+                    if cases[meth] is None or us[timing][meth][m] is None:
+                        us[timing][meth][m] = None
+                        continue
+                    try:
+                        t = (bench_stream_us([cases[meth](m) for _ in range(copies)], reps=10)
+                             if timing == "stream" else bench_us(cases[meth](m), warmup=2, rep=15))
+                    except Exception as e:
+                        print(f"  {meth} N={n} K={k} M={m}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        us[timing][meth][m] = None
+                        continue
+                    us[timing][meth][m] += t
+                    per_linear.setdefault(timing, {}).setdefault(meth, {}).setdefault(f"{n},{k}", {})[str(m)] = t
+            torch.cuda.empty_cache()
         configs[f"{n},{k}"] = {m: w4a16.get_config(m, n, k, torch.device("cuda")) for m in MS}
-        print(f"  N={n} K={k} M=1: " + ", ".join(f"{meth} {us[meth][1]}" for meth in methods), flush=True)
-        torch.cuda.empty_cache()
+        print(f"  N={n} K={k} M=1 stream: " + ", ".join(f"{meth} {us['stream'][meth][1]}" for meth in methods),
+              flush=True)
     flops = {m: 2 * m * sum(n * k for n, k in shapes) for m in MS}
     nbytes = {meth: sum(_bytes(meth, n, k) for n, k in shapes) for meth in methods}
-    return {meth: {str(m): None if t is None else
-                   dict(us=t, weight_gbs=nbytes[meth] / t / 1e3, tflops=flops[m] / t / 1e6)
-                   for m, t in per_m.items()} for meth, per_m in us.items()}
+    return {timing: {meth: {str(m): None if t is None else
+                            dict(us=t, weight_gbs=nbytes[meth] / t / 1e3, tflops=flops[m] / t / 1e6)
+                            for m, t in per_m.items()} for meth, per_m in per_timing.items()}
+            for timing, per_timing in us.items()}
 
 
 def check_tinygemm():
@@ -165,20 +182,24 @@ def check_tinygemm():
 
 
 def plot(results, path):
+    """One panel per (model, timing): us per layer against M, log-log."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
-    for ax, (model, per_method) in zip(axes, results.items()):
-        for method, per_m in per_method.items():
-            ms = [m for m in MS if per_m[str(m)] is not None]
-            ax.plot(ms, [per_m[str(m)]["us"] for m in ms], marker="o", label=method)
-        floor = w4_bytes(LAYERS[model]) / HBM_TBS / 1e6
-        ax.axhline(floor, color="gray", ls="--", label=f"W4 g128 floor {floor:.0f} us")
-        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="layer linears, us",
-               title=f"{model}, one decoder layer")
-        ax.set_xticks(MS, [str(m) for m in MS])
-        ax.legend()
+    fig, axes = plt.subplots(len(TIMINGS), len(results), figsize=(6 * len(results), 4.5 * len(TIMINGS)),
+                             squeeze=False)
+    for col, (model, per_timing) in enumerate(results.items()):
+        for row, timing in enumerate(TIMINGS):
+            ax = axes[row][col]
+            for method, per_m in per_timing[timing].items():
+                ms = [m for m in MS if per_m[str(m)] is not None]
+                ax.plot(ms, [per_m[str(m)]["us"] for m in ms], marker="o", label=method)
+            floor = w4_bytes(LAYERS[model]) / HBM_TBS / 1e6
+            ax.axhline(floor, color="gray", ls="--", label=f"W4 g128 floor {floor:.0f} us")
+            ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="layer linears, us",
+                   title=f"{model}, one decoder layer, {timing} timing")
+            ax.set_xticks(MS, [str(m) for m in MS])
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -199,7 +220,10 @@ def main():
         print("tuned table:", w4a16.tune(shapes, path=out / tuning.path("w4a16", name).name), flush=True)
     report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  group_size=GROUP, timing="median of CUDA-graph replays (triton.testing.do_bench), L2 cleared before each",
+                  group_size=GROUP, timing={"stream": "kernels/timing.bench_stream_us: per linear, distinct weight copies "
+                                                "(>= 4 L2 sizes) back to back in one CUDA graph, median replay / copies",
+                                      "do_bench": "kernels/timing.bench_us: one call from a CUDA graph, "
+                                                  "triton.testing.do_bench median, L2 cleared (written) before each"},
                   correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
                   w4a16_configs={}, per_linear_us={})
     methods = ("w4a16_g128", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16", "tinygemm_g128",
@@ -212,12 +236,12 @@ def main():
     plot(report["results"], out / "bench_gemm.png")
     print(f"\n{name}, us per layer (sum of 4 linears), W4 g128 floor: "
           + ", ".join(f"{mo} {w4_bytes(sh) / HBM_TBS / 1e6:.0f} us" for mo, sh in LAYERS.items()))
-    for model, per_method in report["results"].items():
-        print(f"{model:>20} | " + " ".join(f"{'M=' + str(m):>7}" for m in MS))
-        for meth, per_m in per_method.items():
-            cells = [per_m[str(m)] and per_m[str(m)]["us"] for m in MS]
-            print(f"{meth:>20} | " + " ".join(f"{c:7.1f}" if c else f"{'n/a':>7}" for c in cells))
-
+    for model, per_timing in report["results"].items():
+        for timing, per_method in per_timing.items():
+            print(f"{model + ' ' + timing:>24} | " + " ".join(f"{'M=' + str(m):>7}" for m in MS))
+            for meth, per_m in per_method.items():
+                cells = [per_m[str(m)] and per_m[str(m)]["us"] for m in MS]
+                print(f"{meth:>24} | " + " ".join(f"{c:7.1f}" if c else f"{'n/a':>7}" for c in cells))
 
 if __name__ == "__main__":
     main()

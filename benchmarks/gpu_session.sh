@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device run of everything GPU-side, each part under its own time limit so a slow part
-# cannot starve the rest. Run from the repository root: bash benchmarks/gpu_session.sh
-# $OUT gets session.log (all output) and each benchmark's JSON / PNG (8 files at most).
+# Device runs of everything GPU-side, each part under its own time limit so a slow part cannot
+# starve the rest. From the repository root:
+#     bash benchmarks/gpu_session.sh [part ...]     parts: tests tune gemm scaled attention smoke spec
+# (default: tests scaled gemm smoke spec). $OUT gets session.log (all output) and each
+# benchmark's JSON / PNG (8 files at most come back).
 set -u
 # only hsd on the path: a top-level "kernels" folder would pass for the PyPI package of that
 # name, which transformers probes for (hsd finds kernels/, passes/, lowering/ by itself)
@@ -9,9 +11,25 @@ mkdir -p /tmp/hsd_path && ln -sfn $PWD/hsd /tmp/hsd_path/hsd
 export PYTHONPATH=/tmp/hsd_path TRITON_INTERPRET=0
 exec > >(tee $OUT/session.log) 2>&1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-timeout 150 python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tail -30
-timeout 45 python benchmarks/bench_scaled_mm.py --tune-budget 25 2>&1 | tail -12
-cp $OUT/scaled_mm_h100.json kernels/configs/ 2>/dev/null
-timeout 190 python benchmarks/bench_gemm.py 2>&1 | grep -v -i warn | tail -30
-timeout 70 python benchmarks/smoke_spec_cuda.py 2>&1 | grep -v -i warn | tail -6
-timeout ${SPEC_S:-90} python benchmarks/bench_spec.py --layers ${SPEC_LAYERS:-8} 2>&1 | grep -v -i warn | tail -14
+for part in ${@:-tests scaled gemm smoke spec}; do
+  echo "=== $part $(date -u +%T)"
+  case $part in
+    tests) timeout 150 python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tail -30 ;;
+    tune)  # W4A16 table for the 8B and 70B layers (stream timing), merged into the shipped one
+      cp kernels/configs/w4a16_h100.json $OUT/
+      timeout ${TUNE_S:-330} python -c "
+import sys; sys.path.insert(0, 'benchmarks')
+import bench_gemm, torch
+from hsd.kernels import w4a16, tuning
+print(w4a16.tune([s for l in bench_gemm.LAYERS.values() for s in l], path='$OUT/' + tuning.path('w4a16', torch.cuda.get_device_name()).name))
+" 2>&1 | grep -v -i "warn\|skip" | tail -70 && cp $OUT/w4a16_h100.json kernels/configs/ ;;
+    scaled)
+      timeout 45 python benchmarks/bench_scaled_mm.py --tune-budget 25 2>&1 | tail -12
+      cp $OUT/scaled_mm_h100.json kernels/configs/ 2>/dev/null ;;
+    gemm) timeout ${GEMM_S:-240} python benchmarks/bench_gemm.py 2>&1 | grep -v -i warn | tail -45 ;;
+    attention) timeout ${ATTN_S:-200} python benchmarks/bench_attention.py 2>&1 | grep -v -i warn | tail -40 ;;
+    smoke) timeout 70 python benchmarks/smoke_spec_cuda.py 2>&1 | grep -v -i warn | tail -6 ;;
+    spec) timeout ${SPEC_S:-90} python benchmarks/bench_spec.py --layers ${SPEC_LAYERS:-8} 2>&1 | grep -v -i warn | tail -14 ;;
+    *) echo "unknown part $part" ;;
+  esac
+done

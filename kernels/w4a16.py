@@ -29,6 +29,7 @@ BLOCK_M 16..64) and "gemv" (CUDA cores, one row per program, for M <= 4).
 ``benchmarks/sass_stats.py`` compiles every config for sm_90 without a GPU and counts the
 instructions that matter.
 """
+import functools
 import json
 import math
 import pathlib
@@ -37,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry, tuning
-from hsd.kernels.timing import bench_us
+from hsd.kernels import registry, timing, tuning
 
 SYMMETRIC_ZERO = 8
 
@@ -415,13 +415,16 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
 def candidate_configs(m: int, n: int, k: int):
     """The configs ``tune`` tries for one (M bucket, N, K): a few tiles times a few K splits."""
     tiles = []  # KERNEL, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, WEIGHTS_AS_A
-    if m <= 4:
-        tiles += [("gemv", 1, 64, 64, 4, 3, False)]
+    if m <= 4:  # 256 x 128 on 8 warps: 4x the bytes in flight per thread of 64 x 64 on 4
+        tiles += [("gemv", 1, 64, 64, 4, 3, False), ("gemv", 1, 256, 128, 8, 3, False)]
     if m <= 32:  # 256 columns on 4 warps: fewer instructions per weight; more stages and warps
         block_m = max(16, triton.next_power_of_2(m))
         tiles += [("mma", block_m, bn, 128, w, st, False)
                   for bn, w, st in ((64, 4, 4), (128, 4, 3), (128, 4, 5), (128, 8, 4), (256, 4, 3),
                                     (256, 4, 4), (256, 8, 4))]
+        # weights as the A operand: wgmma over BLOCK_N weight rows, from registers
+        tiles += [("mma", block_m, bn, 128, w, st, True) for bn, w, st in ((64, 4, 4), (128, 4, 3),
+                                                                            (128, 4, 5), (256, 8, 3))]
     else:  # BLOCK_M = 128 spills
         for block_m in (32, 64):
             for swap in (False, True) if block_m >= 64 else (False,):
@@ -437,10 +440,12 @@ def candidate_configs(m: int, n: int, k: int):
 
 
 def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
-         rep_ms: int = 5, verbose: bool = True, device="cuda") -> pathlib.Path:
-    """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU;
-    merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the live table.
-    The file is rewritten after every shape, so an interrupted run keeps what it measured."""
+         reps: int = 10, verbose: bool = True, device="cuda") -> pathlib.Path:
+    """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU
+    with ``timing.bench_stream_us`` (distinct weight copies back to back, as a decode step reads
+    its layers); merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the
+    live table. The file is rewritten after every shape, so an interrupted run keeps what it
+    measured."""
     device = torch.device(device)
     name = tuning.device_info(device)[0]
     path = pathlib.Path(path or tuning.path("w4a16", name))
@@ -448,15 +453,18 @@ def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.
     table = old.get("configs", {}) if old.get("device") == name else {}
     _TABLES[name] = table
     for n, k in shapes:
-        qw, s, _ = quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size)
+        first = quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size)
+        copies = timing.stream_copies(first[0].nbytes + first[1].nbytes)
+        weights = [first] + [tuple(t if t is None else t.clone() for t in first) for _ in range(copies - 1)]
         entry = table.setdefault(f"{n},{k}", {})
         for m in m_buckets:
             x = torch.randn(m, k, device=device, dtype=dtype)
             best = (math.inf, None)
             for cfg in candidate_configs(m, n, k):
+                calls = [functools.partial(w4a16_linear_triton, x, qw, s, z, None, group_size, cfg)
+                         for qw, s, z in weights]
                 try:
-                    us = bench_us(lambda: w4a16_linear_triton(x, qw, s, None, None, group_size, cfg),
-                                  warmup=2, rep=rep_ms)
+                    us = timing.bench_stream_us(calls, reps=reps)
                 except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
                     if verbose:
                         print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
@@ -467,7 +475,9 @@ def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.
                 entry[str(m)] = best[1]
             if verbose:
                 print(f"N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
+        del weights
+        torch.cuda.empty_cache()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"device": name, "group_size": group_size, "dtype": str(dtype),
-                                    "configs": table}, indent=1))
+                                    "timing": "stream", "configs": table}, indent=1))
     return path

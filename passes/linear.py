@@ -194,7 +194,8 @@ class QuantizeLinear(Pass):
 
     ``hessians`` ({module name: [K, K]}, from ``hsd.passes.gptq.hessians``) switches a 4-bit
     scheme from round-to-nearest to GPTQ (``act_order``: GPTQ's desc_act with static groups); a
-    fused Linear uses the Hessian of its first part (all parts read the same input).
+    fused Linear uses the Hessian of its first part (all parts read the same input). Each Hessian
+    is released once its Linear is quantized (the caller's dict keeps its own references).
     """
     name = "quantize_linear"
 
@@ -210,7 +211,8 @@ class QuantizeLinear(Pass):
         self.scheme, self.group_size, self.symmetric = QUANT_SCHEMES[scheme], group_size, symmetric
         self.include_lm_head = include_lm_head
         self.prequantized = prequantized or {}  # "<module>.qweight" / ".scales" / ... -> tensor
-        self.hessians, self.act_order = hessians, act_order
+        # our own dict: each Hessian is dropped once its Linear is quantized
+        self.hessians, self.act_order = None if hessians is None else dict(hessians), act_order
         self._calibration = None  # fingerprint of the calibration data (it changes the output too)
         if hessians is not None:  # computed once: it reads every Hessian from the device
             traces = repr(sorted((n, float(h.diagonal().sum())) for n, h in hessians.items()))
@@ -228,13 +230,14 @@ class QuantizeLinear(Pass):
         graph = gm.graph
         todo = [n for n in graph.nodes if is_linear(n) and _weight(n)
                 and (self.include_lm_head or n.meta.get("hsd_module") != "lm_head")]
+        pending = {_weight(n)[0].target for n in todo} - set(self._done)
         for node in todo:
             w = _fetch(gm, _weight(node)[0])
             self.scheme.check_device(w.device)
             if not w.is_meta:  # pre-quantized tensors carry their own group size; load checks them
                 self.scheme.check(node.meta.get("hsd_module", node.name), *w.shape, self.group_size)
-                self._hessian(_parts(node), w)
-        pending = {_weight(n)[0].target for n in todo} - set(self._done)
+                if _weight(node)[0].target in pending:  # done ones have released their Hessian
+                    self._hessian(_parts(node), w)
         for node in tqdm(todo, desc="gptq", unit="linear", disable=self.hessians is None or not pending):
             w_node, b_node = _weight(node)
             tensors = self._quantize(gm, w_node, _parts(node))
@@ -261,6 +264,8 @@ class QuantizeLinear(Pass):
             elif self.hessians is not None:
                 tensors = self.scheme.quantize(w, self.group_size, self.symmetric,
                                                hessian=self._hessian(parts, w), act_order=self.act_order)
+                for p in parts:  # a K x K fp32 matrix per Linear (~32 GB for an 8B model): free it now
+                    self.hessians.pop(p, None)
             else:
                 tensors = self.scheme.quantize(w, self.group_size, self.symmetric)
             self._done[w_node.target] = tuple(tensors)

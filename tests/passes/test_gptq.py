@@ -201,3 +201,21 @@ def test_bad_hessians():
     with pytest.raises(hsd.PassError, match="model.layers.1.mlp.up_proj: no GPTQ Hessian"):
         testing.assert_pass_equivalent(QuantizeLinear("w4a16", group_size=32, hessians=hs), model,
                                        testing.random_ids(config))
+
+
+def test_hessians_released_once_quantized():
+    """GPTQ frees each Hessian as its Linear is quantized; a later step graph (another shape)
+    reuses the quantized tensors, so it needs none, and the caller's dict is left alone."""
+    config = testing.tiny_config()
+    model = testing.tiny_model(config)
+    hs = hessians(model, calibration.random_ids(config, n=1, length=8))
+    n_layers = len(hs)
+    quantize = QuantizeLinear("w4a16", group_size=32, hessians=hs)
+    _, first = testing.assert_pass_equivalent(quantize, model, testing.random_ids(config, length=5),
+                                              min_sqnr_db=10)
+    assert quantize.hessians == {} and len(hs) == n_layers
+    _, second = testing.assert_pass_equivalent(quantize, model, testing.random_ids(config, length=3),
+                                               min_sqnr_db=10)
+    assert any(name.endswith("qweight") for name, _ in first.named_buffers())
+    for name, t in first.named_buffers():
+        assert torch.equal(t, second.get_buffer(name)), name
