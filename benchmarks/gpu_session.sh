@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device runs of everything GPU-side, each part under its own time limit so a slow part cannot
 # starve the rest. From the repository root:
-#     bash benchmarks/gpu_session.sh [part ...]     parts: tests tune gemm scaled attention smoke spec
+#     bash benchmarks/gpu_session.sh [part ...]     parts: tests tune gemm scaled attention smoke spec decode
 # (default: tests scaled gemm smoke spec). $OUT gets session.log (all output) and each
 # benchmark's JSON / PNG (8 files at most come back).
 set -u
@@ -30,6 +30,8 @@ print(w4a16.tune([s for l in bench_gemm.LAYERS.values() for s in l], path='$OUT/
     attention) timeout ${ATTN_S:-200} python benchmarks/bench_attention.py 2>&1 | grep -v -i warn | tail -40 ;;
     smoke) timeout 70 python benchmarks/smoke_spec_cuda.py 2>&1 | grep -v -i warn | tail -6 ;;
     spec) timeout ${SPEC_S:-90} python benchmarks/bench_spec.py --layers ${SPEC_LAYERS:-8} 2>&1 | grep -v -i warn | tail -14 ;;
+    decode) timeout ${DECODE_S:-400} python benchmarks/bench_decode.py --quant ${DECODE_QUANT:-none w4a16} 2>&1 \
+              | grep -v -i warn | tail -12 ;;
     *) echo "unknown part $part" ;;
   esac
 done
