@@ -267,6 +267,6 @@ def test_gpu_default_configs(dtype, m):
 @gpu
 @pytest.mark.gpu
 def test_gpu_tune_writes_a_table(tmp_path):
-    path = w4a16.tune([(256, 512)], m_buckets=(1, 16), path=tmp_path / "t.json", rep_ms=2, verbose=False)
+    path = w4a16.tune([(256, 512)], m_buckets=(1, 16), path=tmp_path / "t.json", reps=2, verbose=False)
     table = json.loads(path.read_text())
     assert set(table["configs"]["256,512"]) == {"1", "16"}
