@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device runs of everything GPU-side, each part under its own time limit so a slow part cannot
 # starve the rest. From the repository root:
-#     bash benchmarks/gpu_session.sh [part ...]     parts: tests tune gemm scaled attention smoke spec decode
+#     bash benchmarks/gpu_session.sh [part ...]     parts: tests tune-w4a16 tune-w4a8 gemm scaled attention smoke spec decode
 # (default: tests scaled gemm smoke spec). $OUT gets session.log (all output) and each
 # benchmark's JSON / PNG (8 files at most come back).
 set -u
@@ -15,16 +15,19 @@ for part in ${@:-tests scaled gemm smoke spec}; do
   echo "=== $part $(date -u +%T)"
   case $part in
     tests) timeout 150 python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tail -30 ;;
-    tune)  # W4A16 table for the 8B and 70B layers (stream timing), merged into the shipped one
-      cp kernels/configs/w4a16_h100.json $OUT/
+    tune-w4a16|tune-w4a8)  # the table for the 8B and 70B layers (stream timing), merged into the shipped one
+      kernel=${part#tune-}
+      cp kernels/configs/${kernel}_h100.json $OUT/
       timeout ${TUNE_S:-330} python -c "
 import sys; sys.path.insert(0, 'benchmarks')
-import bench_gemm, torch
-from hsd.kernels import w4a16, tuning
-print(w4a16.tune([s for l in bench_gemm.LAYERS.values() for s in l], path='$OUT/' + tuning.path('w4a16', torch.cuda.get_device_name()).name))
-" 2>&1 | grep -v -i "warn\|skip" | tail -70 && cp $OUT/w4a16_h100.json kernels/configs/ ;;
+import bench_gemm
+from hsd.kernels import $kernel
+$kernel.tune([s for l in bench_gemm.LAYERS.values() for s in l], path='$OUT/${kernel}_h100.json')
+" 2>&1 | grep -v -i "warn\|skip" | tail -70
+      cp $OUT/${kernel}_h100.json kernels/configs/ ;;
     scaled)
-      timeout 45 python benchmarks/bench_scaled_mm.py --tune-budget 25 2>&1 | tail -12
+      cp kernels/configs/scaled_mm_h100.json $OUT/
+      timeout ${SCALED_S:-45} python benchmarks/bench_scaled_mm.py --tune-budget ${SCALED_TUNE_S:-25} 2>&1 | tail -12
       cp $OUT/scaled_mm_h100.json kernels/configs/ 2>/dev/null ;;
     gemm) timeout ${GEMM_S:-240} python benchmarks/bench_gemm.py 2>&1 | grep -v -i warn | tail -45 ;;
     attention) timeout ${ATTN_S:-200} python benchmarks/bench_attention.py 2>&1 | grep -v -i warn | tail -40 ;;

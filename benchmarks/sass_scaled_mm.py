@@ -40,7 +40,7 @@ def main():
                         continue
                     seen.add(key)
                     compiled = compile_config(cfg, dtype, args.arch)
-                    regs, stack, ops = sass_stats(compiled)
+                    regs, stack, ops, _ = sass_stats(compiled)
                     name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
                             f"s{cfg['num_stages']} split{'>1' if cfg['SPLIT_K'] > 1 else '=1'}"
                             + (" A=W" if cfg["WEIGHTS_AS_A"] else ""))

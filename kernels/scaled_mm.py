@@ -24,9 +24,7 @@ Configs come per (M bucket, N, K) from ``configs/scaled_mm_<gpu>.json`` or ``def
 int8 and fp8 share them (the same bytes stream through MMAs of the same rate, IGMMA / QGMMA).
 ``bench_linear`` builds the whole quantized linear (activation quant + GEMM) for benchmarks.
 """
-import json
 import math
-import pathlib
 
 import torch
 import triton
@@ -34,7 +32,6 @@ import triton.language as tl
 
 from hsd.kernels import registry, tuning
 from hsd.kernels.act_quant import check_kind
-from hsd.kernels.timing import bench_us
 
 WEIGHT_KINDS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -247,33 +244,17 @@ def candidate_configs(m: int, n: int, k: int, sms: int = 132):
                            WEIGHTS_AS_A=swap, num_warps=warps, num_stages=stages)
 
 
-def tune(shapes, m_buckets=tuning.M_BUCKETS, kind: str = "int8", path=None, rep_ms: int = 5,
+def tune(shapes, m_buckets=tuning.M_BUCKETS, kind: str = "int8", path=None, reps: int = 10,
          budget_s: float = math.inf, verbose: bool = True):
-    """Time ``candidate_configs`` per (M bucket, N, K) on this GPU (GEMM only, ``kind``
-    operands) and write the fastest to ``path`` (default configs/scaled_mm_<gpu>.json) after
-    every M bucket; stops trying configs after ``budget_s`` seconds."""
-    import time
-    start = time.perf_counter()
-    name, sms = tuning.device_info(torch.device("cuda"))
-    path = pathlib.Path(path or tuning.path("scaled_mm", name))
-    table = _TABLES.setdefault(name, {})
-    for m in m_buckets:
-        for n, k in shapes:
-            gemm = _bench_inputs(m, n, k, kind)
-            best = (math.inf, None)
-            for cfg in candidate_configs(m, n, k, sms):
-                if time.perf_counter() - start > budget_s:
-                    break
-                try:
-                    us = bench_us(lambda: scaled_mm_triton(*gemm, None, cfg), warmup=2, rep=rep_ms)
-                except Exception as e:  # e.g. out of shared memory on this GPU
-                    if verbose:
-                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                best = min(best, (us, cfg), key=lambda b: b[0])
-            if best[1] is not None:
-                table.setdefault(f"{n},{k}", {})[str(m)] = best[1]
-            if verbose:
-                print(f"tune N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
-        path.write_text(json.dumps({"device": name, "configs": table}, indent=1))
-    return path
+    """``tuning.tune`` of ``candidate_configs`` (the GEMM alone, ``kind`` operands) per (N, K) in
+    ``shapes`` and M bucket on this GPU, for at most ``budget_s`` seconds; writes
+    ``configs/scaled_mm_<gpu>.json`` unless ``path`` is given, and updates the live table."""
+    from hsd.kernels import act_quant
+    sms = tuning.device_info(torch.device("cuda"))[1]
+    return tuning.tune(
+        "scaled_mm", _TABLES, shapes, m_buckets, lambda m, n, k: candidate_configs(m, n, k, sms),
+        weights=lambda n, k: quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.float16), kind),
+        inputs=lambda m, k: act_quant.quantize_per_token_reference(
+            torch.randn(m, k, device="cuda", dtype=torch.float16), kind),
+        launch=lambda x, w, cfg: scaled_mm_triton(*x, *w, None, cfg),
+        out=path, reps=reps, budget_s=budget_s, verbose=verbose)

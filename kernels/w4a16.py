@@ -29,16 +29,13 @@ BLOCK_M 16..64) and "gemv" (CUDA cores, one row per program, for M <= 4).
 ``benchmarks/sass_stats.py`` compiles every config for sm_90 without a GPU and counts the
 instructions that matter.
 """
-import functools
-import json
-import math
 import pathlib
 
 import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry, timing, tuning
+from hsd.kernels import registry, tuning
 
 SYMMETRIC_ZERO = 8
 
@@ -441,43 +438,13 @@ def candidate_configs(m: int, n: int, k: int):
 
 def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
          reps: int = 10, verbose: bool = True, device="cuda") -> pathlib.Path:
-    """Time ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on the current GPU
-    with ``timing.bench_stream_us`` (distinct weight copies back to back, as a decode step reads
-    its layers); merge the fastest into ``path`` (default ``configs/w4a16_<gpu>.json``) and the
-    live table. The file is rewritten after every shape, so an interrupted run keeps what it
-    measured."""
-    device = torch.device(device)
-    name = tuning.device_info(device)[0]
-    path = pathlib.Path(path or tuning.path("w4a16", name))
-    old = json.loads(path.read_text()) if path.exists() else {}
-    table = old.get("configs", {}) if old.get("device") == name else {}
-    _TABLES[name] = table
-    for n, k in shapes:
-        first = quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size)
-        copies = timing.stream_copies(first[0].nbytes + first[1].nbytes)
-        weights = [first] + [tuple(t if t is None else t.clone() for t in first) for _ in range(copies - 1)]
-        entry = table.setdefault(f"{n},{k}", {})
-        for m in m_buckets:
-            x = torch.randn(m, k, device=device, dtype=dtype)
-            best = (math.inf, None)
-            for cfg in candidate_configs(m, n, k):
-                calls = [functools.partial(w4a16_linear_triton, x, qw, s, z, None, group_size, cfg)
-                         for qw, s, z in weights]
-                try:
-                    us = timing.bench_stream_us(calls, reps=reps)
-                except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
-                    if verbose:
-                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                if us < best[0]:
-                    best = (us, cfg)
-            if best[1] is not None:
-                entry[str(m)] = best[1]
-            if verbose:
-                print(f"N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
-        del weights
-        torch.cuda.empty_cache()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": name, "group_size": group_size, "dtype": str(dtype),
-                                    "timing": "stream", "configs": table}, indent=1))
-    return path
+    """``tuning.tune`` of ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on this
+    GPU (RTN weights of random [N, K] ``dtype`` matrices); writes ``configs/w4a16_<gpu>.json``
+    unless ``path`` is given, and updates the live table."""
+    return tuning.tune(
+        "w4a16", _TABLES, shapes, m_buckets, candidate_configs,
+        weights=lambda n, k: quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size),
+        inputs=lambda m, k: torch.randn(m, k, device=device, dtype=dtype),
+        launch=lambda x, w, cfg: w4a16_linear_triton(x, *w, None, group_size, cfg),
+        out=path, reps=reps, verbose=verbose, device=device,
+        meta=dict(group_size=group_size, dtype=str(dtype)))

@@ -25,15 +25,12 @@ nibbles hold k = 8 r + 2 j, the high ones 8 r + 2 j + 1: two dots, against the e
 columns of x. sass_stats-style check: ``benchmarks/sass_w4a8.py`` (no GPU needed).
 """
 import functools
-import json
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from hsd.kernels import registry, tuning, w4a16
-from hsd.kernels.timing import bench_us
 from hsd.kernels.w4a16 import _k_range, _load_tile, _write
 
 
@@ -238,6 +235,8 @@ def candidate_configs(m: int, n: int, k: int):
     if m <= 16:  # BLOCK_M, BLOCK_N, num_warps, num_stages, WEIGHTS_AS_A
         tiles = [(16, 64, 4, 4, False), (16, 128, 4, 3, False), (16, 128, 4, 5, False),
                  (16, 128, 8, 4, False), (16, 256, 8, 3, False)]
+        # weights as the A operand (wgmma from registers): W4A16's fastest tiles at small M
+        tiles += [(16, 64, 4, 4, True), (16, 128, 4, 3, True), (16, 128, 4, 5, True), (16, 256, 8, 3, True)]
     else:
         tiles = [(32, 128, 4, 3, False), (64, 64, 4, 4, True), (64, 128, 4, 3, True),
                  (64, 128, 8, 3, True), (64, 128, 4, 3, False)]
@@ -265,7 +264,7 @@ def benchmark(m: int, n: int, k: int, group_size: int = 128, kind: str = "int8",
               dtype=torch.float16, config=None, device="cuda"):
     """A zero-argument callable that runs what a W4A8 (kind "int8") or W4A4 ("int4") Linear
     runs on [m, k] random activations: hsd::quantize_per_token, then the GEMM (``config`` or
-    the table's). For ``hsd.kernels.timing.bench_us``."""
+    the table's). For ``hsd.kernels.timing``."""
     x, qweight, scales, _ = random_inputs(m, n, k, group_size, dtype, device=device)
     g = k if group_size in (None, -1) else group_size
     quantize = registry.lookup("quantize_per_token", torch.device(device).type)
@@ -274,31 +273,15 @@ def benchmark(m: int, n: int, k: int, group_size: int = 128, kind: str = "int8",
     return lambda: gemm(*quantize(x, kind))
 
 
-def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, rep_ms: int = 5,
+def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, reps: int = 10,
          verbose: bool = True, device="cuda"):
-    """Time ``candidate_configs`` per (N, K) in ``shapes`` and M bucket on this GPU and write the
-    fastest to ``path`` (default ``configs/w4a8_<gpu>.json``) and the live table."""
-    device = torch.device(device)
-    name = tuning.device_info(device)[0]
-    path = path or tuning.path("w4a8", name)
-    table = _TABLES.setdefault(name, {})
-    for n, k in shapes:
-        x, qweight, scales, _ = random_inputs(max(m_buckets), n, k, group_size, device=device)
-        xq, xs = registry.lookup("quantize_per_token", device.type)(x, "int8")
-        for m in m_buckets:
-            best = (math.inf, None)
-            for cfg in candidate_configs(m, n, k):
-                fn = functools.partial(w4a8_linear_triton, xq[:m], xs[:m], qweight, scales, None,
-                                       None, group_size, cfg)
-                try:
-                    us = bench_us(fn, warmup=2, rep=rep_ms)
-                except Exception as e:  # e.g. out of shared memory: not a candidate on this GPU
-                    if verbose:
-                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                best = min(best, (us, cfg), key=lambda b: b[0])
-            table.setdefault(f"{n},{k}", {})[str(m)] = best[1]
-            if verbose:
-                print(f"w4a8 N={n} K={k} M<={m}: {best[0]:.1f} us {best[1]}", flush=True)
-        path.write_text(json.dumps({"device": name, "group_size": group_size, "configs": table}, indent=1))
-    return path
+    """``tuning.tune`` of ``candidate_configs`` (the GEMM alone, int8 activations) per (N, K) in
+    ``shapes`` and M bucket on this GPU; writes ``configs/w4a8_<gpu>.json`` unless ``path`` is
+    given, and updates the live table."""
+    quantize = registry.lookup("quantize_per_token", torch.device(device).type)
+    return tuning.tune(
+        "w4a8", _TABLES, shapes, m_buckets, candidate_configs,
+        weights=lambda n, k: random_inputs(1, n, k, group_size, device=device)[1:3],
+        inputs=lambda m, k: quantize(torch.randn(m, k, device=device, dtype=torch.float16), "int8"),
+        launch=lambda x, w, cfg: w4a8_linear_triton(*x, *w, None, None, group_size, cfg),
+        out=path, reps=reps, verbose=verbose, device=device, meta=dict(group_size=group_size))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hsd.kernels import registry, tuning, w4a16
+from hsd.kernels import registry, timing, tuning, w4a16
 from hsd.kernels.w4a16 import (dequantize, pack, quantize_rtn, unpack, w4a16_linear_reference,
                                w4a16_linear_triton)
 
@@ -205,14 +205,14 @@ def test_tune_picks_the_fastest_and_updates_the_table(tmp_path, monkeypatch):
         launched.append(args[-1])
         return w4a16_linear_triton(*args)
 
-    def fake_bench(fns, **kw):
+    def fake_bench(fns, reps):
         for fn in fns:
             fn()
         cfg = launched[-1]
         return 1.0 if (cfg["KERNEL"], cfg["BLOCK_N"]) == ("mma", 128) else 2.0
     monkeypatch.setattr(w4a16, "w4a16_linear_triton", launch)
-    monkeypatch.setattr(w4a16.timing, "bench_stream_us", fake_bench)
-    monkeypatch.setattr(w4a16.timing, "stream_copies", lambda nbytes: 2)
+    monkeypatch.setattr(timing, "bench_stream_us", fake_bench)
+    monkeypatch.setattr(timing, "stream_copies", lambda nbytes: 2)
     monkeypatch.setattr(w4a16, "_TABLES", {})
     path = w4a16.tune([(128, 256)], m_buckets=(1, 32), path=tmp_path / "t.json", verbose=False,
                       dtype=torch.float32, device="cpu")

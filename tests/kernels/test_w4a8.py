@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hsd.kernels import registry, tuning, w4a8, w4a16
+from hsd.kernels import registry, timing, tuning, w4a8, w4a16
 from hsd.kernels.act_quant import dequantize as dequantize_act
 from hsd.kernels.act_quant import quantize_per_token_reference as quantize_act
 from hsd.kernels.w4a8 import w4a8_linear_reference, w4a8_linear_triton
@@ -197,14 +197,16 @@ def test_tune_picks_the_fastest(tmp_path, monkeypatch):
     """tune() on the interpreter with a fake clock that favours BLOCK_N = 128."""
     launched = []
 
-    def fake_bench(fn, **kw):
-        fn()
+    def fake_bench(fns, reps):
+        for fn in fns:
+            fn()
         return 1.0 if launched[-1]["BLOCK_N"] == 128 else 2.0
 
     def launch(*args):
         launched.append(args[-1])
         return w4a8_linear_triton(*args)
-    monkeypatch.setattr(w4a8, "bench_us", fake_bench)
+    monkeypatch.setattr(timing, "bench_stream_us", fake_bench)
+    monkeypatch.setattr(timing, "stream_copies", lambda nbytes: 2)
     monkeypatch.setattr(w4a8, "w4a8_linear_triton", launch)
     monkeypatch.setattr(w4a8, "candidate_configs", lambda m, n, k: [cfg(16), cfg(16, block_n=128)])
     monkeypatch.setattr(w4a8, "_TABLES", {})
