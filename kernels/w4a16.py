@@ -390,7 +390,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     if kernel is _w4a16_gemv_kernel:
         assert block_m == 1 and block_k >= 8, cfg
     else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
-        assert min(block_m, block_n, block_k // 8) >= 16, cfg
+        assert min(block_m, block_n, block_k // 4) >= 16, cfg
     grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, split, x.device, x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
@@ -419,9 +419,11 @@ def candidate_configs(m: int, n: int, k: int):
         tiles += [("mma", block_m, bn, 128, w, st, False)
                   for bn, w, st in ((64, 4, 4), (128, 4, 3), (128, 4, 5), (128, 8, 4), (256, 4, 3),
                                     (256, 4, 4), (256, 8, 4))]
-        # weights as the A operand: wgmma over BLOCK_N weight rows, from registers
-        tiles += [("mma", block_m, bn, 128, w, st, True) for bn, w, st in ((64, 4, 4), (128, 4, 3),
-                                                                            (128, 4, 5), (256, 8, 3))]
+        # weights as the A operand: wgmma over BLOCK_N weight rows, from registers; BLOCK_K 64
+        # halves the unpacked operands held at once (91 instead of 128 registers: 5 programs/SM)
+        tiles += [("mma", block_m, bn, bk, w, st, True)
+                  for bn, bk, w, st in ((64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 4, 5), (256, 128, 8, 3),
+                                        (128, 64, 4, 4), (128, 64, 4, 6), (256, 64, 8, 4))]
     else:  # BLOCK_M = 128 spills
         for block_m in (32, 64):
             for swap in (False, True) if block_m >= 64 else (False,):
@@ -429,7 +431,7 @@ def candidate_configs(m: int, n: int, k: int):
                           for bn, w, st in ((64, 4, 4), (128, 4, 3), (256, 8, 3))]
     for kernel, block_m, block_n, block_k, num_warps, num_stages, swap in tiles:
         k_tiles = triton.cdiv(k, block_k)
-        for split in (1, 2, 4, 8, 16, 32) if m <= 64 else (1,):
+        for split in (1, 2, 4, 8, 16, 32, 64) if m <= 64 else (1,):
             if split == 1 or k_tiles // split >= 2:
                 yield dict(KERNEL=kernel, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                            SPLIT_K=split, num_warps=num_warps, num_stages=num_stages,

@@ -17,8 +17,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 TOL = {torch.float16: 3e-3, torch.float32: 2e-5}
 
 
-def mma(block_m, split=1, block_n=64, **kw):
-    return dict(KERNEL="mma", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
+def mma(block_m, split=1, block_n=64, block_k=128, **kw):
+    return dict(KERNEL="mma", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
                 num_warps=4, num_stages=2, **kw)
 
 
@@ -92,13 +92,14 @@ def test_rtn_all_equal_and_zero_groups():
 @given(m=st.integers(1, 80), n_blocks=st.integers(1, 3), k_tiles=st.integers(1, 3),
        group=st.sampled_from([32, 64, 128, "K"]), symmetric=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.float32]), split=st.sampled_from([1, 2, 3]),
-       seed=st.integers(0, 2**16))
-def test_mma_matches_reference(m, n_blocks, k_tiles, group, symmetric, bias, dtype, split, seed):
+       block_k=st.sampled_from([64, 128]), weights_as_a=st.booleans(), seed=st.integers(0, 2**16))
+def test_mma_matches_reference(m, n_blocks, k_tiles, group, symmetric, bias, dtype, split, block_k,
+                               weights_as_a, seed):
     n, k = 64 * n_blocks, 128 * k_tiles
     group = k if group == "K" else group
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     case = make_case(m, n, k, group, symmetric, dtype, bias, seed)
-    check(*case, group, mma(block_m, split))
+    check(*case, group, mma(block_m, split, block_k=block_k, WEIGHTS_AS_A=weights_as_a))
 
 
 @settings(deadline=None, max_examples=20)
