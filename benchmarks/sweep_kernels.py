@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench_attention as ba  # noqa: E402
 from bench_gemm import LAYERS, random_w4, rel_err  # noqa: E402
 from hsd.kernels import attention, w4a16  # noqa: E402
-from hsd.kernels.timing import bench_us  # noqa: E402
+from hsd.kernels.timing import bench_stream_us, bench_us, stream_copies  # noqa: E402
 
 
 def w4a16_checks():
@@ -79,18 +79,28 @@ def clean_flush_us(fn, flush, reps=20):
 
 
 def harness_probe():
-    """What the timing harness itself costs: a 1-element kernel, and copies of layer-sized
-    buffers under do_bench's writing flush vs a reading flush."""
+    """What the timing harness itself costs: a 1-element kernel, the memset a split-K GEMM puts
+    before its kernel, and copies of layer-sized buffers, under do_bench's writing flush, a
+    reading flush, and back to back in one graph (``stream_us``, distinct buffers per copy)."""
     flush = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
     tiny = torch.zeros(1, device="cuda")
-    rows = [dict(what="1-element add", us=bench_us(lambda: tiny.add_(1)), clean_us=clean_flush_us(lambda: tiny.add_(1), flush))]
+    zeros = lambda: torch.zeros(1, 4096, device="cuda", dtype=torch.float16)  # noqa: E731
+    rows = [dict(what="1-element add", us=bench_us(lambda: tiny.add_(1)),
+                 clean_us=clean_flush_us(lambda: tiny.add_(1), flush),
+                 stream_us=bench_stream_us([lambda: tiny.add_(1)] * 32)),
+            dict(what="memset 8 KB (torch.zeros 1 x 4096 fp16)", us=bench_us(zeros),
+                 clean_us=clean_flush_us(zeros, flush), stream_us=bench_stream_us([zeros] * 32))]
     for mb in (8.4, 12.6, 29.4, 58.7):
-        src = torch.empty(int(mb * 1e6) // 2, dtype=torch.float16, device="cuda")
-        dst = torch.empty_like(src)
-        rows.append(dict(what=f"copy {mb} MB", us=bench_us(lambda: dst.copy_(src)),
-                         clean_us=clean_flush_us(lambda: dst.copy_(src), flush)))
+        def copy_fn():
+            src = torch.empty(int(mb * 1e6) // 2, dtype=torch.float16, device="cuda")
+            dst = torch.empty_like(src)
+            return lambda: dst.copy_(src)
+        fn = copy_fn()
+        rows.append(dict(what=f"copy {mb} MB", us=bench_us(fn), clean_us=clean_flush_us(fn, flush),
+                         stream_us=bench_stream_us([copy_fn() for _ in range(stream_copies(int(2 * mb * 1e6)))])))
     for r in rows:
-        print(f"harness {r['what']}: do_bench {r['us']:.1f} us, reading flush {r['clean_us']:.1f} us", flush=True)
+        print(f"harness {r['what']}: do_bench {r['us']:.1f} us, reading flush {r['clean_us']:.1f} us, "
+              f"stream {r['stream_us']:.1f} us", flush=True)
     return rows, flush
 
 
@@ -200,7 +210,8 @@ def main():
         print("attention plans, fastest summed over prefixes:", plans)
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
     for r in report.get("harness", []):
-        print(f"harness {r['what']}: do_bench {r['us']:.1f} us, reading flush {r['clean_us']:.1f} us")
+        print(f"harness {r['what']}: do_bench {r['us']:.1f} us, reading flush {r['clean_us']:.1f} us, "
+              f"stream {r['stream_us']:.1f} us")
     for r in report.get("w4a16_per_linear", []):
         print(f"N={r['n']:>5} K={r['k']:>5} M={r['m']:>3}: {r['us']:6.1f} us {r['tbs']:.2f} TB/s, reading flush "
               f"{r['clean_us']:.1f}; copy {r['copy_us']:.1f}; gemv {r['gemv_us']}")
