@@ -17,9 +17,8 @@ MMAS = ("IGMMA", "QGMMA", "IMMA", "HMMA")
 
 
 def compile_config(cfg, dtype: str, arch: int):
-    ptrs = dict(x_ptr=dtype, xs_ptr="fp32", w_ptr=dtype, wscale_ptr="fp16", b_ptr="fp16", y_ptr="fp16",
-                part_ptr="fp32", counter_ptr="i32")
-    consts = dict(IS_INT=dtype == "i8", HAS_BIAS=False, SPLIT=cfg["SPLIT_K"] > 1,
+    ptrs = dict(x_ptr=dtype, xs_ptr="fp32", w_ptr=dtype, ws_ptr="fp16", b_ptr="fp16", y_ptr="fp16")
+    consts = dict(IS_INT=dtype == "i8", HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
                   WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"])
     return compile_kernel(scaled_mm._scaled_mm_kernel, ptrs, consts, cfg, arch)

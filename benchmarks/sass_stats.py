@@ -43,9 +43,8 @@ def compile_kernel(fn, pointers: dict, consts: dict, cfg: dict, arch: int):
 
 def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096, even=True, asm=True):
     kernel = w4a16._KERNELS[cfg["KERNEL"]]
-    ptrs = dict(x_ptr=dtype, qw_ptr="i32", s_ptr=dtype, z_ptr=dtype, b_ptr=dtype, y_ptr=dtype, ws_ptr="fp32",
-                counter_ptr="i32")
-    consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, SPLIT=cfg["SPLIT_K"] > 1,
+    ptrs = dict(x_ptr=dtype, qw_ptr="i32", s_ptr=dtype, z_ptr=dtype, b_ptr=dtype, y_ptr=dtype)
+    consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
                   SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k, EVEN=even,
                   ASM=asm and dtype != "fp32",
                   BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])

@@ -23,9 +23,9 @@ SHOWN = ("LOP3", "SHF", "PRMT", "IMAD", "IADD3", "I2FP", "FFMA", "IMMA", "IGMMA"
 
 def compile_config(cfg, arch=90, group=128, k=4096, zeros=False):
     ptrs = dict(xq_ptr="i8", xs_ptr="fp32", qw_ptr="i32", s_ptr="fp16", z_ptr="fp16", b_ptr="fp16",
-                y_ptr="fp16", ws_ptr="fp32", counter_ptr="i32")
+                y_ptr="fp16")
     consts = dict(G=group, HAS_ZEROS=zeros, HAS_BIAS=False, PER_CHANNEL=group == k,
-                  SPLIT=cfg["SPLIT_K"] > 1, WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], ASM=True,
+                  ATOMIC=cfg["SPLIT_K"] > 1, WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], ASM=True,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_K=cfg["BLOCK_K"] if group == k else group)
     return compile_kernel(w4a8._w4a8_kernel, ptrs, consts, cfg, arch)

@@ -16,7 +16,7 @@ Accumulation is exact for int8 (int32) and fp32 for fp8; the scales apply in fp3
 Why [N, K]: 8-bit tensor-core MMAs (mma.sync and Hopper's wgmma) want both operands K-major,
 which [N, K] tiles are, whichever operand the weights become. The kernel streams the weights once
 at memory bandwidth for small M, so as in ``w4a16``:
-  * Small M splits K over SPLIT_K programs (reduced by ``split_k.write``), so even N = 4096
+  * Small M splits K over SPLIT_K programs that add into the output atomically, so even N = 4096
     fills every SM with enough bytes in flight.
   * With WEIGHTS_AS_A the kernel computes y.T = W @ x.T: the weights fill the MMA's M side (64+
     rows, what wgmma needs) and the few tokens its N side (>= 16), instead of padding M to 64.
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry, split_k, tuning
+from hsd.kernels import registry, tuning
 from hsd.kernels.act_quant import check_kind
 
 WEIGHT_KINDS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -73,15 +73,15 @@ def scaled_mm_reference(xq, xscale, wq, wscale, bias):
 
 # M and the split length only bound loops and masks: one compiled kernel serves every value
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _scaled_mm_kernel(x_ptr, xs_ptr, w_ptr, wscale_ptr, b_ptr, y_ptr, part_ptr, counter_ptr, M, N, K,
-                      stride_xm, stride_ym, tiles_per_split, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPLIT: tl.constexpr,
+def _scaled_mm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                      tiles_per_split, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                       WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] output tile over the K tiles of split program_id(2)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    first, last = split_k.k_range(K, tiles_per_split, BLOCK_K)
+    first = tl.program_id(2) * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
     acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if WEIGHTS_AS_A else (BLOCK_M, BLOCK_N)
     if IS_INT:  # int8 sums are exact in int32
         acc = tl.zeros(acc_shape, dtype=tl.int32)
@@ -100,9 +100,17 @@ def _scaled_mm_kernel(x_ptr, xs_ptr, w_ptr, wscale_ptr, b_ptr, y_ptr, part_ptr, 
     if WEIGHTS_AS_A:
         acc = tl.trans(acc)
     xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)
-    ws = tl.load(wscale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    split_k.write(y_ptr, b_ptr, part_ptr, counter_ptr, acc.to(tl.float32) * xs[:, None] * ws[None, :], offs_m,
-                  offs_n, M, N, stride_ym, HAS_BIAS, SPLIT)
+    ws = tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:  # with a split K only the first split adds the bias
+        b = tl.load(b_ptr + offs_n, mask=offs_n < tl.where(tl.program_id(2) == 0, N, 0), other=0.0)
+        y += b.to(tl.float32)[None, :]
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m & (offs_n < N)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- configs
@@ -170,13 +178,14 @@ def scaled_mm_triton(xq, xscale, wq, wscale, bias, config=None):
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     assert all(b > 0 and b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
     assert min(block_m, block_n) >= 16 and block_k >= 32, cfg  # 8-bit MMAs: K steps of 32
-    grid, tiles_per_split, y, part, counters = split_k.launch(m, n, k, block_m, block_n, block_k,
-                                                              cfg["SPLIT_K"], xq.device, wscale.dtype)
+    grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, cfg["SPLIT_K"],
+                                                     xq.device, wscale.dtype)
     if m == 0:
         return y.reshape(*xq.shape[:-1], n)
-    _scaled_mm_kernel[grid](x2, xs, wq, wscale, bias, y, part, counters, m, n, k, x2.stride(0), y.stride(0),
+    _scaled_mm_kernel[grid](x2, xs, wq, wscale, bias, y, m, n, k, x2.stride(0), y.stride(0),
                             tiles_per_split, IS_INT=xq.dtype == torch.int8, HAS_BIAS=bias is not None,
-                            SPLIT=grid[2] > 1, WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], BLOCK_M=block_m, BLOCK_N=block_n,
+                            ATOMIC=grid[2] > 1,
+                            WEIGHTS_AS_A=cfg["WEIGHTS_AS_A"], BLOCK_M=block_m, BLOCK_N=block_n,
                             BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*xq.shape[:-1], n)
 

@@ -58,6 +58,17 @@ def for_device(tables: dict, device_name: str) -> dict:
     return tables.get(device_name) or next((t for d, t in tables.items() if "H100" in d), {})
 
 
+def split_k_launch(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, split_k: int,
+                   device, dtype):
+    """(grid, K tiles per split, output [m, n]) of a split-K GEMM launch: splits that would get
+    no tile are dropped, and with several splits the output starts at zero (they add into it)."""
+    k_tiles = triton.cdiv(k, block_k)
+    tiles_per_split = triton.cdiv(k_tiles, split_k)
+    split = triton.cdiv(k_tiles, tiles_per_split)
+    y = (torch.zeros if split > 1 else torch.empty)((m, n), device=device, dtype=dtype)
+    return (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split), tiles_per_split, y
+
+
 def tune(kernel: str, tables: dict, shapes, m_buckets, candidates, weights, inputs, launch, out=None,
          reps: int = 10, budget_s: float = math.inf, verbose: bool = True, device="cuda", meta=None):
     """Time ``candidates(m, n, k)`` for each (N, K) in ``shapes`` and M bucket on this GPU and merge

@@ -19,8 +19,8 @@ MMA, is the cost to watch: integer ops run at half the fp32 rate. So:
   * Those two become adjacent k rows of one dot operand, with the activations split to match
     (``_split4``): the order of k inside a dot is free, and this pairing is the one the MMA
     operand registers want, so the unpacked weights are neither reshaped nor repacked.
-  * Small M splits K over several programs (SPLIT_K, reduced by ``split_k.write``), so even
-    N = 4096 fills every SM; one [BLOCK_K, BLOCK_N] weight tile serves all BLOCK_M rows.
+  * Small M splits K over several programs (SPLIT_K) that add into the output atomically, so
+    even N = 4096 fills every SM; one [BLOCK_K, BLOCK_N] weight tile serves all BLOCK_M rows.
   * On the GPU, 16-bit activations unpack through inline PTX (``_halves_asm``) and tiles that
     divide N and K load unmasked (EVEN). Measured on an H100 (benchmarks/results/README.md),
     small M is bound by latency (few warps per SM, short K loops), not by these instructions.
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry, split_k, tuning
+from hsd.kernels import registry, tuning
 
 SYMMETRIC_ZERO = 8
 
@@ -189,6 +189,28 @@ def _nibbles(q, i: tl.constexpr, zero, ASM: tl.constexpr):
 
 
 @triton.jit
+def _k_range(K, tiles_per_split, BLOCK_K: tl.constexpr):
+    """The tiles of K this program sums: split pid_k of the SPLIT_K programs along axis 2."""
+    first = tl.program_id(2) * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+
+
+@triton.jit
+def _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+           ATOMIC: tl.constexpr):
+    """Store (or with a split K, atomically add) the [BLOCK_M, BLOCK_N] fp32 tile plus bias."""
+    if HAS_BIAS:  # with a split K only the first split adds the bias
+        b = tl.load(b_ptr + offs_n, mask=offs_n < tl.where(tl.program_id(2) == 0, N, 0), other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _split4(x):
     """[M, BLOCK_K] -> 4 tensors [M, BLOCK_K // 4]; tensor j holds, at 2 r + a, the column
     k = 8 r + 4 a + j. One vectorized load of x plus register-only splits."""
@@ -219,10 +241,9 @@ def _dot(x, w, acc, WEIGHTS_AS_A: tl.constexpr, PRECISION: tl.constexpr):
 
 # M and the split length only bound loops and masks: one compiled kernel serves every value
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, counter_ptr, M, N, K,
-                      stride_xm, stride_ym,
+def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                       tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, SPLIT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr,
                       PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -234,7 +255,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, counter
     dtype = x_ptr.dtype.element_ty
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    first, last = split_k.k_range(K, tiles_per_split, BLOCK_K)
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
     acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if WEIGHTS_AS_A else (BLOCK_M, BLOCK_N)
     acc = tl.zeros(acc_shape, dtype=tl.float32)
     for t in range(first, last):
@@ -257,14 +278,13 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, counter
                 acc = _dot(xs[i], w, acc, WEIGHTS_AS_A, PRECISION)
     if WEIGHTS_AS_A:
         acc = tl.trans(acc)
-    split_k.write(y_ptr, b_ptr, ws_ptr, counter_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT)
+    _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, counter_ptr, M, N, K,
-                       stride_xm, stride_ym,
+def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                        tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, SPLIT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
@@ -274,7 +294,7 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, counte
     offs_m = m + tl.arange(0, 1)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_K // 8)
-    first, last = split_k.k_range(K, tiles_per_split, BLOCK_K)
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
@@ -292,8 +312,8 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, counte
             x_hi = tl.load(x_ptrs + i + 4, mask=x_mask, other=0.0).to(tl.float32)
             part += w_lo.to(tl.float32) * x_lo[:, None] + w_hi.to(tl.float32) * x_hi[:, None]
         acc += part * scale if SCALE_PER_TILE else part
-    split_k.write(y_ptr, b_ptr, ws_ptr, counter_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, M, N,
-                  stride_ym, HAS_BIAS, SPLIT)
+    _write(y_ptr, b_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, M, N, stride_ym, HAS_BIAS,
+           ATOMIC)
 
 
 _KERNELS = {"mma": _w4a16_mma_kernel, "gemv": _w4a16_gemv_kernel}
@@ -371,19 +391,18 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
         assert block_m == 1 and block_k >= 8, cfg
     else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
         assert min(block_m, block_n, block_k // 4) >= 16, cfg
-    grid, tiles_per_split, y, ws, counters = split_k.launch(m, n, k, block_m, block_n, block_k, split, x.device,
-                                                             x.dtype)
+    grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, split, x.device, x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     consts = dict(G=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-                  SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, SPLIT=grid[2] > 1,
+                  SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=grid[2] > 1,
                   EVEN=n % block_n == 0 and k % block_k == 0,
                   ASM=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16),
                   BLOCK_N=block_n, BLOCK_K=block_k)
     if kernel is _w4a16_mma_kernel:
         consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), BLOCK_M=block_m)
-    kernel[grid](x2, qweight, scales, zeros, bias, y, ws, counters, m, n, k, x2.stride(0), y.stride(0),
+    kernel[grid](x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
                  tiles_per_split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
     return y.reshape(*x.shape[:-1], n)
 

@@ -15,8 +15,8 @@ The math, per tile of BLOCK_K rows of K (BLOCK_K = G; per-channel G = K: a multi
     y          = acc * xscale[m] + bias
 So the zero point never touches the BLOCK_K x BLOCK_N weights, only the BLOCK_M x BLOCK_N partial
 product. With per-channel scales the whole K sums in int32 (|sum| <= 127 * 15 * K fits for
-K < 1.1M) and is scaled once at the end. Small M splits K over programs (``split_k``, as
-W4A16); BLOCK_M = 16 serves M = 1 too (the MMA is not the cost, unpacking is).
+K < 1.1M) and is scaled once at the end. Small M splits K over programs that add into y
+atomically (as W4A16); BLOCK_M = 16 serves M = 1 too (the MMA is not the cost, unpacking is).
 
 Unpacking: the weights are loaded as bytes, 16 per thread per load. A 32-bit register of 4 bytes
 becomes 4 low nibbles (one AND) and 4 high nibbles (one shift, one AND) that are directly int8
@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry, split_k, tuning, w4a16
-from hsd.kernels.w4a16 import _load_tile
+from hsd.kernels import registry, tuning, w4a16
+from hsd.kernels.w4a16 import _k_range, _load_tile, _write
 
 
 
@@ -91,9 +91,9 @@ def _idot(x, w, acc, WEIGHTS_AS_A: tl.constexpr):
 
 # M and the split length only bound loops and masks: one compiled kernel serves every value
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, counter_ptr, M, N, K,
-                 stride_xm, stride_ym, tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, SPLIT: tl.constexpr,
+def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
+                 stride_ym, tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, ATOMIC: tl.constexpr,
                  WEIGHTS_AS_A: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y over the K tiles of split tl.program_id(2).
@@ -103,7 +103,7 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cou
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    first, last = split_k.k_range(K, tiles_per_split, BLOCK_K)
+    first, last = _k_range(K, tiles_per_split, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # per-channel: the whole split in int32
     for t in range(first, last):
@@ -134,8 +134,7 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cou
         scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         acc = part.to(tl.float32) * scale[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
-    split_k.write(y_ptr, b_ptr, ws_ptr, counter_ptr, acc * xs[:, None], offs_m, offs_n, M, N, stride_ym,
-                  HAS_BIAS, SPLIT)
+    _write(y_ptr, b_ptr, acc * xs[:, None], offs_m, offs_n, M, N, stride_ym, HAS_BIAS, ATOMIC)
 
 
 # --------------------------------------------------------------------------- configs
@@ -216,13 +215,13 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
     # tl.dot needs M, N >= 16 and the int8 MMA K >= 32 on the GPU (the interpreter accepts less)
     assert all(b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
     assert block_m >= 16 and block_n >= 16 and block_k >= 32, cfg
-    grid, tiles_per_split, y, ws, counters = split_k.launch(m, n, k, block_m, block_n, block_k,
-                                                            cfg["SPLIT_K"], xq.device, scales.dtype)
+    grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, cfg["SPLIT_K"],
+                                                     xq.device, scales.dtype)
     if m == 0:
         return y.reshape(*xq.shape[:-1], n)
-    _w4a8_kernel[grid](x2, xs, qweight, scales, zeros, bias, y, ws, counters, m, n, k, x2.stride(0), y.stride(0),
+    _w4a8_kernel[grid](x2, xs, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
                        tiles_per_split, G=group_size, HAS_ZEROS=zeros is not None,
-                       HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, SPLIT=grid[2] > 1,
+                       HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, ATOMIC=grid[2] > 1,
                        WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), ASM=xq.is_cuda,
                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
