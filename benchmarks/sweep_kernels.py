@@ -9,7 +9,7 @@ writing L2 flush vs a reading one); with --per-linear, each Llama-3-8B linear wi
 config against a device copy of the same bytes.
 Attention: the op against the reference, then the launch plan swept over BLOCK_M cap, BLOCK_N,
 warps, stages and programs per SM at prefix 2048 / 8192 with 1 and 64 tree nodes, and the split
-kernel alone (to see what the reduce costs); the fastest plan per row class goes to
+kernel alone (to see what the reduce costs), stream timing; the fastest plan per row class goes to
 $OUT/attention_plans.json (bench_attention.py --plans). Prints a short table last; JSON in $OUT/sweep.json.
 """
 import argparse
@@ -142,7 +142,7 @@ def split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale):
 
 
 def attention_sweep():
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    """Every plan's op time and split-kernel time, ``bench_stream_us`` over distinct KV caches."""
     scale = ba.D ** -0.5
     rows, default = [], dict(attention.LAUNCH_PLANS)
     for prefix, n in ((2048, 1), (8192, 1), (2048, 64), (8192, 64)):
@@ -164,8 +164,9 @@ def attention_sweep():
             try:
                 got = attention.attention_triton(q, k, v, kc, vc, 0, cache_len, tree_mask, scale)
                 err = (got.float() - want.float()).abs().max().item()
-                us = ba.graph_us(lambda: attention.attention_triton(q, k, v, kc, vc, 0, cache_len, tree_mask, scale), flush)
-                split = ba.graph_us(split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale), flush)
+                caches = [ba.make_inputs(prefix, n) for _ in range(stream_copies(4 * ba.HKV * prefix * ba.D))]
+                us = bench_stream_us([ba.call("triton", c, prefix, tree_mask, scale) for c in caches])
+                split = bench_stream_us([split_only_us(*c, tree_mask, scale) for c in caches])
             except Exception as e:  # out of resources: not a candidate
                 print(f"attention prefix={prefix} nodes={n} plan={plan}: {type(e).__name__} {str(e)[:120]}")
                 continue
