@@ -30,7 +30,10 @@ $kernel.tune([s for l in bench_gemm.LAYERS.values() for s in l], path='$OUT/${ke
       timeout ${SCALED_S:-45} python benchmarks/bench_scaled_mm.py --tune-budget ${SCALED_TUNE_S:-25} 2>&1 | tail -12
       cp $OUT/scaled_mm_h100.json kernels/configs/ 2>/dev/null ;;
     gemm) timeout ${GEMM_S:-240} python benchmarks/bench_gemm.py 2>&1 | grep -v -i warn | tail -45 ;;
-    attention) timeout ${ATTN_S:-200} python benchmarks/bench_attention.py 2>&1 | grep -v -i warn | tail -40 ;;
+    attention)  # plans swept first (stream timing), then the benchmark with the fastest
+      timeout ${SWEEP_S:-150} python benchmarks/sweep_kernels.py --skip-w4a16 2>&1 | grep -v -i warn | tail -6
+      plans=$( [ -f $OUT/attention_plans.json ] && echo "--plans $OUT/attention_plans.json" )
+      timeout ${ATTN_S:-200} python benchmarks/bench_attention.py $plans 2>&1 | grep -v -i warn | tail -40 ;;
     smoke) timeout 70 python benchmarks/smoke_spec_cuda.py 2>&1 | grep -v -i warn | tail -6 ;;
     spec) timeout ${SPEC_S:-90} python benchmarks/bench_spec.py --layers ${SPEC_LAYERS:-8} 2>&1 | grep -v -i warn | tail -14 ;;
     decode) timeout ${DECODE_S:-400} python benchmarks/bench_decode.py --quant ${DECODE_QUANT:-none w4a16} 2>&1 \
