@@ -335,12 +335,13 @@ def _split_k(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
     """The rule used when the table has no entry for (M bucket, N, K): tensor cores for every M
     (BLOCK_M = 16 costs nothing extra at M = 1 and unpacks with fewer integer ops than the gemv
-    kernel, see benchmarks/sass_stats.py), and a K split that fills the GPU."""
+    kernel, see benchmarks/sass_stats.py), the weights as the wgmma A operand (the H100 tuner
+    picked that for every shape and M bucket), and a K split that fills the GPU."""
     block_m = min(max(16, triton.next_power_of_2(m)), 64)
     block_n, block_k = 128 if m <= 64 else 64, 128
     split = _split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
     return dict(KERNEL="mma", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                num_warps=4, num_stages=3)
+                num_warps=4, num_stages=3, WEIGHTS_AS_A=True)
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:

@@ -145,13 +145,13 @@ _TABLES = tuning.load("w4a8")
 def default_config(m: int, n: int, k: int, sms: int = 132) -> dict:
     """The rule when the table has no entry for (M bucket, N, K): BLOCK_M 16..64 (the int8 MMA
     at BLOCK_M = 16 costs nothing next to unpacking the weights, so M = 1 takes it too), and a K
-    split that gives every SM about two programs. BLOCK_K applies to per-channel weights only
-    (grouped weights use BLOCK_K = G)."""
+    split that gives every SM about two programs, the weights as the wgmma A operand. BLOCK_K
+    applies to per-channel weights only (grouped weights use BLOCK_K = G)."""
     block_m = min(max(16, triton.next_power_of_2(m)), 64)
     block_n, block_k = 128, 128
     split = w4a16._split_k(triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4,
-                num_stages=3, WEIGHTS_AS_A=block_m >= 64)
+                num_stages=3, WEIGHTS_AS_A=True)
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> dict:

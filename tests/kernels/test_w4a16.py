@@ -174,7 +174,7 @@ def test_default_config_rule():
     for m in (1, 2, 3, 16, 17, 64, 65, 128, 1000):
         for n, k in ((4096, 4096), (28672, 4096), (4096, 14336), (64, 128)):
             cfg = w4a16.default_config(m, n, k)
-            assert cfg["KERNEL"] == "mma" and 16 <= cfg["BLOCK_M"] <= 64
+            assert cfg["KERNEL"] == "mma" and 16 <= cfg["BLOCK_M"] <= 64 and cfg["WEIGHTS_AS_A"]
             assert cfg["BLOCK_M"] >= min(m, 64)
             assert 1 <= cfg["SPLIT_K"] <= max(1, k // cfg["BLOCK_K"])
 

@@ -164,7 +164,7 @@ def test_default_config_rule():
             c = w4a8.default_config(m, n, k)
             assert 16 <= c["BLOCK_M"] <= 64 and c["BLOCK_M"] >= min(m, 64)
             assert 1 <= c["SPLIT_K"] <= max(1, k // c["BLOCK_K"])
-            assert c["WEIGHTS_AS_A"] == (c["BLOCK_M"] >= 64)
+            assert c["WEIGHTS_AS_A"]  # the H100 tuner picked weights-as-A for every shape and M
 
 
 def test_candidates_are_valid_configs():
