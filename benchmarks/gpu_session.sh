@@ -34,7 +34,7 @@ $kernel.tune([s for l in bench_gemm.LAYERS.values() for s in l], path='$OUT/${ke
       timeout ${SWEEP_S:-150} python benchmarks/sweep_kernels.py --skip-w4a16 2>&1 | grep -v -i warn | tail -6
       plans=$( [ -f $OUT/attention_plans.json ] && echo "--plans $OUT/attention_plans.json" )
       timeout ${ATTN_S:-200} python benchmarks/bench_attention.py $plans 2>&1 | grep -v -i warn | tail -40 ;;
-    smoke) timeout 70 python benchmarks/smoke_spec_cuda.py 2>&1 | grep -v -i warn | tail -6 ;;
+    smoke) timeout ${SMOKE_S:-70} python benchmarks/smoke_spec_cuda.py 2>&1 | grep -v -i warn | tail -6 ;;
     spec) timeout ${SPEC_S:-90} python benchmarks/bench_spec.py --layers ${SPEC_LAYERS:-8} 2>&1 | grep -v -i warn | tail -14 ;;
     decode) timeout ${DECODE_S:-400} python benchmarks/bench_decode.py --quant ${DECODE_QUANT:-none w4a16} 2>&1 \
               | grep -v -i warn | tail -12 ;;
