@@ -29,6 +29,7 @@ LAYERS = {  # (N, K) of qkv, o, gate_up, down
     "llama3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
     "llama3-70b": [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)],
 }
+EXTRA = {"llama3-8b-lm_head": [(128256, 4096)]}  # e.g. the EAGLE head's 4-bit draft lm_head
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP = 128
 HBM_TBS = 3.02  # H100 device-to-device copy, TB/s (docs REFERENCE.md section 1)
@@ -194,7 +195,7 @@ def plot(results, path):
             for method, per_m in per_timing[timing].items():
                 ms = [m for m in MS if per_m[str(m)] is not None]
                 ax.plot(ms, [per_m[str(m)]["us"] for m in ms], marker="o", label=method)
-            floor = w4_bytes(LAYERS[model]) / HBM_TBS / 1e6
+            floor = w4_bytes({**LAYERS, **EXTRA}[model]) / HBM_TBS / 1e6
             ax.axhline(floor, color="gray", ls="--", label=f"W4 g128 floor {floor:.0f} us")
             ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="layer linears, us",
                    title=f"{model}, one decoder layer, {timing} timing")
@@ -211,12 +212,15 @@ def w4_bytes(shapes):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true", help="tune the config table for these shapes first")
+    ap.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(LAYERS) + list(EXTRA),
+                    help="which shape sets to time (default: the two decoder layers)")
     args = ap.parse_args()
+    models = {name: {**LAYERS, **EXTRA}[name] for name in args.models}
     out = pathlib.Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name()
     if args.tune:
-        shapes = [s for layer in LAYERS.values() for s in layer]
+        shapes = [s for layer in models.values() for s in layer]
         print("tuned table:", w4a16.tune(shapes, path=out / tuning.path("w4a16", name).name), flush=True)
     report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -228,14 +232,14 @@ def main():
                   w4a16_configs={}, per_linear_us={})
     methods = ("w4a16_g128", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16", "tinygemm_g128",
                "int8_mm_anchor", "fp8_scaled_mm_anchor")
-    for model, shapes in LAYERS.items():
+    for model, shapes in models.items():
         print(model, flush=True)
         report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"],
                                                report["per_linear_us"])
         (out / "bench_gemm.json").write_text(json.dumps(report, indent=1))
     plot(report["results"], out / "bench_gemm.png")
     print(f"\n{name}, us per layer (sum of 4 linears), W4 g128 floor: "
-          + ", ".join(f"{mo} {w4_bytes(sh) / HBM_TBS / 1e6:.0f} us" for mo, sh in LAYERS.items()))
+          + ", ".join(f"{mo} {w4_bytes(sh) / HBM_TBS / 1e6:.0f} us" for mo, sh in models.items()))
     for model, per_timing in report["results"].items():
         for timing, per_method in per_timing.items():
             print(f"{model + ' ' + timing:>24} | " + " ".join(f"{'M=' + str(m):>7}" for m in MS))
