@@ -1,5 +1,8 @@
-"""Command line: ``hsd demo`` (the embedded default) and ``hsd generate --model PATH``."""
+"""Command line: ``hsd demo`` (the embedded default), ``hsd generate --model PATH`` and
+``hsd tune`` (the GEMM config tables for this GPU)."""
 import argparse
+import importlib
+import pathlib
 import time
 
 import torch
@@ -61,6 +64,52 @@ def generate(args):
     return 0
 
 
+TUNED_KERNELS = ("w4a16", "w4a8", "scaled_mm")
+
+
+def linear_shapes(config) -> list:
+    """(N, K) of the GEMMs ``hsd.compile`` runs for a Hugging Face decoder config: q/k/v and
+    gate/up fused (``FuseSiblingLinears``), o_proj, down_proj, and the lm_head (EAGLE drafts
+    through a 4-bit copy of it)."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim),
+            (2 * config.intermediate_size, hidden), (hidden, config.intermediate_size),
+            (config.vocab_size, hidden)]
+
+
+def _shape(text: str):
+    try:
+        n, k = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a GEMM shape is N,K (two integers), got {text!r}") from None
+    if n <= 0 or k <= 0:
+        raise argparse.ArgumentTypeError(f"N and K must be positive, got {text!r}")
+    return n, k
+
+
+def tune(args):
+    """Time each kernel's candidate configs on this GPU for the model's (or the given) shapes and
+    write its table, ``<out>/<kernel>_<gpu>.json`` (default: the package's kernels/configs)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("hsd tune: needs a CUDA GPU (it times the kernels on the GPU it runs on)")
+    if not args.model and not args.shapes:
+        raise SystemExit("hsd tune: give --model PATH (a Hugging Face checkpoint or config) or --shapes N,K ...")
+    shapes = list(args.shapes or [])
+    if args.model:
+        from transformers import AutoConfig
+        shapes += [s for s in linear_shapes(AutoConfig.from_pretrained(args.model)) if s not in shapes]
+    from hsd.kernels import tuning
+    gpu = torch.cuda.get_device_name()
+    for kernel in args.kernels:
+        module = importlib.import_module(f"hsd.kernels.{kernel}")
+        out = pathlib.Path(args.out) / tuning.path(kernel, gpu).name if args.out else None
+        kwargs = {"m_buckets": tuple(args.m_buckets)} if args.m_buckets else {}
+        print(f"{kernel}: {module.tune(shapes, path=out, budget_s=args.budget_s, **kwargs)}", flush=True)
+    return 0
+
+
 def _report(engine, stats=None):
     for tokens, records in sorted(engine.pass_report.items()):
         print(f"passes on the {tokens}-token step graph:")
@@ -95,6 +144,14 @@ def main(argv=None):
     g.add_argument("--intermediate-quant", default=None)
     g.add_argument("--draft-quant", default=None)
     g.set_defaults(run=generate)
+    t = sub.add_parser("tune", help="tune the GEMM config tables for this GPU (CUDA)")
+    t.add_argument("--model", default=None, help="Hugging Face checkpoint directory or config: its GEMM shapes")
+    t.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="N,K", help="more GEMM shapes")
+    t.add_argument("--kernels", nargs="+", default=list(TUNED_KERNELS), choices=TUNED_KERNELS)
+    t.add_argument("--m-buckets", type=int, nargs="+", default=None, help="token counts to tune for")
+    t.add_argument("--budget-s", type=float, default=float("inf"), help="stop trying configs after this long, per kernel")
+    t.add_argument("--out", default=None, help="directory for the tables (default: the package's kernels/configs)")
+    t.set_defaults(run=tune)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -440,7 +440,8 @@ def candidate_configs(m: int, n: int, k: int):
 
 
 def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.float16, path=None,
-         reps: int = 10, verbose: bool = True, device="cuda") -> pathlib.Path:
+         reps: int = 10, budget_s: float = float("inf"), verbose: bool = True,
+         device="cuda") -> pathlib.Path:
     """``tuning.tune`` of ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on this
     GPU (RTN weights of random [N, K] ``dtype`` matrices); writes ``configs/w4a16_<gpu>.json``
     unless ``path`` is given, and updates the live table."""
@@ -449,5 +450,5 @@ def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.
         weights=lambda n, k: quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size),
         inputs=lambda m, k: torch.randn(m, k, device=device, dtype=dtype),
         launch=lambda x, w, cfg: w4a16_linear_triton(x, *w, None, group_size, cfg),
-        out=path, reps=reps, verbose=verbose, device=device,
+        out=path, reps=reps, budget_s=budget_s, verbose=verbose, device=device,
         meta=dict(group_size=group_size, dtype=str(dtype)))

@@ -274,7 +274,7 @@ def benchmark(m: int, n: int, k: int, group_size: int = 128, kind: str = "int8",
 
 
 def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, reps: int = 10,
-         verbose: bool = True, device="cuda"):
+         budget_s: float = float("inf"), verbose: bool = True, device="cuda"):
     """``tuning.tune`` of ``candidate_configs`` (the GEMM alone, int8 activations) per (N, K) in
     ``shapes`` and M bucket on this GPU; writes ``configs/w4a8_<gpu>.json`` unless ``path`` is
     given, and updates the live table."""
@@ -284,4 +284,5 @@ def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, reps: 
         weights=lambda n, k: random_inputs(1, n, k, group_size, device=device)[1:3],
         inputs=lambda m, k: quantize(torch.randn(m, k, device=device, dtype=torch.float16), "int8"),
         launch=lambda x, w, cfg: w4a8_linear_triton(*x, *w, None, None, group_size, cfg),
-        out=path, reps=reps, verbose=verbose, device=device, meta=dict(group_size=group_size))
+        out=path, reps=reps, budget_s=budget_s, verbose=verbose, device=device,
+        meta=dict(group_size=group_size))
