@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench_attention as ba  # noqa: E402
 from bench_gemm import LAYERS, random_w4, rel_err  # noqa: E402
 from hsd.kernels import attention, w4a16  # noqa: E402
-from hsd.kernels.timing import bench_stream_us, bench_us, stream_copies  # noqa: E402
+from hsd.kernels.timing import bench_stream_us, bench_us, graphed, replay_us, stream_copies  # noqa: E402
 
 
 def w4a16_checks():
@@ -61,21 +61,8 @@ def clean_flush_us(fn, flush, reps=20):
     """Median us of graph replays of fn after an L2 flush that READS (leaves no dirty lines),
     minus the flush alone. do_bench's flush writes zeros, so a kernel after it first evicts up to
     50 MB of dirty lines: small kernels pay twice their bytes."""
-    fn()
-    def timed(body):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            body()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3)
-        return sorted(ts)[reps // 2]
-    return timed(lambda: (flush.sum(), fn())) - timed(flush.sum)
+    return (replay_us(graphed(lambda: (flush.sum(), fn())), reps)
+            - replay_us(graphed(flush.sum), reps))
 
 
 def harness_probe():
@@ -158,13 +145,13 @@ def attention_sweep():
         plans = [default[kind]] + plans
         kr, vr = kc.clone(), vc.clone()
         want = attention.attention_reference(q, k, v, kr, vr, 0, cache_len, tree_mask, scale)
+        caches = [ba.make_inputs(prefix, n) for _ in range(stream_copies(4 * ba.HKV * prefix * ba.D))]
         for plan in dict.fromkeys(plans):
             attention.LAUNCH_PLANS[kind] = plan
             attention._split_plan.cache_clear()
             try:
                 got = attention.attention_triton(q, k, v, kc, vc, 0, cache_len, tree_mask, scale)
                 err = (got.float() - want.float()).abs().max().item()
-                caches = [ba.make_inputs(prefix, n) for _ in range(stream_copies(4 * ba.HKV * prefix * ba.D))]
                 us = bench_stream_us([ba.call("triton", c, prefix, tree_mask, scale) for c in caches])
                 split = bench_stream_us([split_only_us(*c, tree_mask, scale) for c in caches])
             except Exception as e:  # out of resources: not a candidate

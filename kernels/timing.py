@@ -41,15 +41,19 @@ def stream_copies(nbytes: int, l2_multiple: int = 4, most: int = 64) -> int:
     return max(2, min(most, math.ceil(l2_multiple * l2 / nbytes)))
 
 
-def bench_stream_us(fns, reps: int = 20) -> float:
-    """Median microseconds per call of ``fns`` (zero-arg callables, each over its OWN operands,
-    see ``stream_copies``) run in order from one CUDA graph, replayed ``reps`` times."""
-    graph = graphed(lambda: [fn() for fn in fns])
-    graph()
+def replay_us(replay, reps: int = 20) -> float:
+    """Median microseconds of ``reps`` calls of ``replay`` (a graph's replay), after one more."""
+    replay()
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
     for start, end in events:
         start.record()
-        graph()
+        replay()
         end.record()
     torch.cuda.synchronize()
-    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events) / len(fns)
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def bench_stream_us(fns, reps: int = 20) -> float:
+    """Median microseconds per call of ``fns`` (zero-arg callables, each over its OWN operands,
+    see ``stream_copies``) run in order from one CUDA graph, replayed ``reps`` times."""
+    return replay_us(graphed(lambda: [fn() for fn in fns]), reps) / len(fns)
