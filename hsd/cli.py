@@ -3,7 +3,6 @@
 import argparse
 import importlib
 import pathlib
-import time
 
 import torch
 
