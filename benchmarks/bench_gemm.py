@@ -30,6 +30,7 @@ LAYERS = {  # (N, K) of qkv, o, gate_up, down
     "llama3-70b": [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)],
 }
 EXTRA = {"llama3-8b-lm_head": [(128256, 4096)]}  # e.g. the EAGLE head's 4-bit draft lm_head
+SHAPE_SETS = {**LAYERS, **EXTRA}
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP = 128
 HBM_TBS = 3.02  # H100 device-to-device copy, TB/s (docs REFERENCE.md section 1)
@@ -195,7 +196,7 @@ def plot(results, path):
             for method, per_m in per_timing[timing].items():
                 ms = [m for m in MS if per_m[str(m)] is not None]
                 ax.plot(ms, [per_m[str(m)]["us"] for m in ms], marker="o", label=method)
-            floor = w4_bytes({**LAYERS, **EXTRA}[model]) / HBM_TBS / 1e6
+            floor = w4_bytes(SHAPE_SETS[model]) / HBM_TBS / 1e6
             ax.axhline(floor, color="gray", ls="--", label=f"W4 g128 floor {floor:.0f} us")
             ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="layer linears, us",
                    title=f"{model}, one decoder layer, {timing} timing")
@@ -206,16 +207,16 @@ def plot(results, path):
 
 
 def w4_bytes(shapes):
-    return sum(n * k // 2 + n * k // GROUP * 2 for n, k in shapes)
+    return sum(_bytes("w4a16_g128", n, k) for n, k in shapes)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true", help="tune the config table for these shapes first")
-    ap.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(LAYERS) + list(EXTRA),
+    ap.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(SHAPE_SETS),
                     help="which shape sets to time (default: the two decoder layers)")
     args = ap.parse_args()
-    models = {name: {**LAYERS, **EXTRA}[name] for name in args.models}
+    models = {name: SHAPE_SETS[name] for name in args.models}
     out = pathlib.Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name()
