@@ -18,12 +18,9 @@ for part in ${@:-tests scaled gemm smoke spec}; do
     tune-w4a16|tune-w4a8)  # the table for the 8B and 70B layers (stream timing), merged into the shipped one
       kernel=${part#tune-}
       cp kernels/configs/${kernel}_h100.json $OUT/
-      timeout ${TUNE_S:-330} python -c "
-import sys; sys.path.insert(0, 'benchmarks')
-import bench_gemm
-from hsd.kernels import $kernel
-$kernel.tune([s for l in bench_gemm.LAYERS.values() for s in l], path='$OUT/${kernel}_h100.json')
-" 2>&1 | grep -v -i "warn\|skip" | tail -70
+      shapes=$(cd benchmarks && python -c "import bench_gemm; print(*(f'{n},{k}' for l in bench_gemm.LAYERS.values() for n, k in l))")
+      timeout ${TUNE_S:-330} python -m hsd tune --kernels $kernel --shapes $shapes --out $OUT 2>&1 \
+        | grep -v -i "warn\|skip" | tail -70
       cp $OUT/${kernel}_h100.json kernels/configs/ ;;
     scaled)
       cp kernels/configs/scaled_mm_h100.json $OUT/
