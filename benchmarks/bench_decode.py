@@ -4,6 +4,7 @@ quantization scheme (``--quant none w4a16 w4a8 w4a4 w8a8 fp8``).
 Checks first that the compiled engine's prefill logits agree with the eager model, then times
 generation (128-token prompt, 256 new tokens), and writes JSON to $OUT (default ./out).
 REFERENCE.md anchors on the same GPU: transformers static-cache generate 89 tok/s, eager 35.
+HSD_PDL=0 turns programmatic dependent launch off (hsd/kernels/pdl.py) to time its effect.
     python benchmarks/bench_decode.py [--layers 32] [--new-tokens 256] [--quant none w4a16 ...]
 """
 import argparse
@@ -20,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hsd
 from hsd import testing
+from hsd.kernels import pdl
 
 
 def llama3_8b(layers):
@@ -51,7 +53,7 @@ def run(model, ids, new_tokens, quant):
         runs.append(engine.stats.decode_tokens_per_s)
     tok_s = sorted(runs)[1]
     weight_gb = engine.weight_bytes(1) / 1e9
-    row = dict(quant=quant or "fp16", logits_sqnr_db=round(sqnr, 1), decode_tok_s=round(tok_s, 1),
+    row = dict(quant=quant or "fp16", pdl=pdl.enabled(ids.device), logits_sqnr_db=round(sqnr, 1), decode_tok_s=round(tok_s, 1),
                rtn_reference_sqnr_db=round(expected_sqnr, 1) if rtn else None,
                sqnr_vs_rtn_reference_db=round(kernel_sqnr, 1) if rtn else None,
                weight_gb=round(weight_gb, 2), achieved_gb_s=round(tok_s * weight_gb, 0),
@@ -85,9 +87,9 @@ def main():
         (out / "decode.json").write_text(json.dumps(result, indent=1))
     for row in rows:
         print("\n".join(row.pop("passes")))
-    print(f"{'quant':>6} {'SQNR dB':>8} {'vs RTN ref':>10} {'tok/s':>7} {'weights GB':>10} {'GB/s':>6} {'setup s':>8}")
+    print(f"{'quant':>6} {'PDL':>5} {'SQNR dB':>8} {'vs RTN ref':>10} {'tok/s':>7} {'weights GB':>10} {'GB/s':>6} {'setup s':>8}")
     for r in rows:
-        print(f"{r['quant']:>6} {r['logits_sqnr_db']:>8} {str(r['sqnr_vs_rtn_reference_db']):>10} "
+        print(f"{r['quant']:>6} {str(r['pdl']):>5} {r['logits_sqnr_db']:>8} {str(r['sqnr_vs_rtn_reference_db']):>10} "
               f"{r['decode_tok_s']:>7} {r['weight_gb']:>10} {r['achieved_gb_s']:>6.0f} {r['setup_s']:>8}")
 
 

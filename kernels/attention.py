@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry
+from hsd.kernels import pdl, registry
 
 MAX_NEW_TOKENS = 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -139,7 +139,10 @@ def _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o_ptr, lse_ptr,
                        qk_scale, HKV, T, S, ROWS, CHUNK, N_SPLITS,
-                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py; nothing to prefetch: which slots count depends on cache_len
+        pdl.wait()
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     cache_len = tl.load(len_ptr + bh // HKV)
     lo = split * CHUNK
@@ -184,7 +187,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
 
 @triton.jit
 def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, ROWS, CHUNK, N_SPLITS,
-                        D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                        D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    if PDL:  # launched while the split kernel ends (kernels/pdl.py)
+        pdl.wait()
     # all partials of BLOCK_R rows x BLOCK_D columns in one [SPLITS, BLOCK_R, BLOCK_D] tile: one
     # round trip to memory, and (with the column split) enough programs to fill the GPU at decode
     pid_r, bh, pid_d = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
@@ -243,7 +249,7 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     _attn_split_kernel[(triton.cdiv(rows, block_m), n_splits + 1, b * hkv)](
         q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,
         scale * _LOG2E, hkv, t, slots, rows, chunk, n_splits,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **pdl.launch_args(q.device))
     out = torch.empty_like(q)
     splits = triton.next_power_of_2(n_splits + 1)
     # GPU: about 64 partial rows of 32 columns per program (ncu, H100, decode at prefix 8192: whole
@@ -252,7 +258,7 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     block_d = min(d, 32) if q.is_cuda else d
     _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv, d // block_d)](
         o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r,
-        BLOCK_D=block_d, num_warps=4)
+        BLOCK_D=block_d, num_warps=4, **pdl.launch_args(q.device))
     return out
 
 

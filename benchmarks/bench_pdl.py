@@ -1,0 +1,123 @@
+"""Programmatic dependent launch (kernels/pdl.py) on and off: the W4A16 linears of a Llama-3-8B
+layer and tree attention, each timed as a stream of calls over distinct operands in one CUDA graph
+(hsd.kernels.timing.bench_stream_us), after a correctness check of PDL chains.
+
+    python benchmarks/bench_pdl.py        (needs a Hopper GPU; writes $OUT/pdl.json, default ./out)
+
+The check: a chain of dependent W4A16 linears and attention calls replayed from a CUDA graph with
+PDL on must give what it gives with PDL off (each kernel reads its predecessor's output, so a
+missing wait shows). For the whole decode step with PDL, see bench_decode.py (HSD_PDL=0/1).
+"""
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import bench_attention as ba  # noqa: E402
+from bench_gemm import GROUP, LAYERS, random_w4  # noqa: E402
+from hsd.kernels import attention, w4a16  # noqa: E402
+from hsd.kernels.timing import bench_stream_us, graphed, stream_copies  # noqa: E402
+
+MS = (1, 16, 64)
+SETTINGS = ("0", "1")  # HSD_PDL
+
+
+def set_pdl(on: str):
+    os.environ["HSD_PDL"] = on
+
+
+def chain_check():
+    """Max abs difference between PDL on and off of one graph of dependent calls: 8 linears
+    4096 -> 4096 (split K and not), each reading the last's output, then attention on it."""
+    torch.manual_seed(0)
+    weights = [random_w4(4096, 4096) for _ in range(8)]
+    configs = [None, dict(KERNEL="mma", BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, num_warps=4,
+                          num_stages=3, WEIGHTS_AS_A=True)]
+    x0 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    q, k, v, kc, vc, cache_len = ba.make_inputs(2048, 1)
+    tree = ba.masks(1)["tree"]
+
+    def step():
+        x = x0
+        for i, (qw, s, _) in enumerate(weights):
+            x = w4a16.w4a16_linear_triton(x, qw, s, None, None, GROUP, configs[i % 2]) / 64
+        qx = x.view(1, ba.HQ, 1, ba.D)
+        return attention.attention_triton(qx, k, v, kc, vc, 0, cache_len, tree, ba.D ** -0.5)
+
+    outs = {}
+    for on in SETTINGS:
+        set_pdl(on)
+        out = torch.empty(1, ba.HQ, 1, ba.D, device="cuda", dtype=torch.float16)
+        replay = graphed(lambda: out.copy_(step()))
+        for _ in range(20):
+            replay()
+        outs[on] = out.clone()
+    return (outs["0"].float() - outs["1"].float()).abs().max().item()
+
+
+def gemm_stream():
+    """{setting: {"N,K": {M: us}}} for the 8B layer's linears."""
+    res = {on: {} for on in SETTINGS}
+    for n, k in LAYERS["llama3-8b"]:
+        copies = stream_copies(n * k // 2)
+        for m in MS:
+            calls = []
+            for _ in range(copies):
+                qw, s, _ = random_w4(n, k)
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                calls.append(lambda x=x, qw=qw, s=s: w4a16.w4a16_linear_triton(x, qw, s, None, None, GROUP))
+            for on in SETTINGS:
+                set_pdl(on)
+                res[on].setdefault(f"{n},{k}", {})[m] = bench_stream_us(calls, reps=10)
+            print(f"w4a16 N={n} K={k} M={m}: off {res['0'][f'{n},{k}'][m]:.1f} us, on {res['1'][f'{n},{k}'][m]:.1f} us",
+                  flush=True)
+        torch.cuda.empty_cache()
+    return res
+
+
+def attention_stream():
+    res = {on: {} for on in SETTINGS}
+    for prefix in (2048, 8192):
+        for nodes in (1, 64):
+            tree = ba.masks(nodes)["tree"]
+            cases = [ba.make_inputs(prefix, nodes) for _ in range(stream_copies(4 * ba.HKV * prefix * ba.D))]
+            calls = [ba.call("triton", c, prefix, tree, ba.D ** -0.5) for c in cases]
+            for on in SETTINGS:
+                set_pdl(on)
+                res[on][f"{prefix},{nodes}"] = bench_stream_us(calls, reps=10)
+            print(f"attention prefix={prefix} nodes={nodes}: off {res['0'][f'{prefix},{nodes}']:.1f} us, "
+                  f"on {res['1'][f'{prefix},{nodes}']:.1f} us", flush=True)
+            del cases
+            torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    out = pathlib.Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    diff = chain_check()
+    print(f"chain of 8 linears + attention, PDL on vs off: max abs diff {diff:.3g}", flush=True)
+    assert diff < 1e-2, diff
+    report = dict(benchmark="pdl", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                  triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  chain_max_abs_diff=diff, timing="stream (bench_stream_us)")
+    report["w4a16"] = gemm_stream()
+    report["attention"] = attention_stream()
+    (out / "pdl.json").write_text(json.dumps(report, indent=1))
+    print(f"{'8B layer W4A16, us':<24}" + "".join(f"{'M=' + str(m):>10}" for m in MS))
+    for on in SETTINGS:
+        print(f"{'PDL ' + ('on' if on == '1' else 'off'):<24}"
+              + "".join(f"{sum(v[m] for v in report['w4a16'][on].values()):>10.1f}" for m in MS))
+    print(f"{'attention (prefix,nodes)':<24}" + "".join(f"{key:>12}" for key in report["attention"]["0"]))
+    for on in SETTINGS:
+        print(f"{'PDL ' + ('on' if on == '1' else 'off'):<24}"
+              + "".join(f"{us:>12.1f}" for us in report["attention"][on].values()))
+
+
+if __name__ == "__main__":
+    main()
