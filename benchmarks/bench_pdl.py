@@ -1,12 +1,12 @@
-"""Programmatic dependent launch (kernels/pdl.py) on and off: the W4A16 linears of a Llama-3-8B
-layer and tree attention, each timed as a stream of calls over distinct operands in one CUDA graph
-(hsd.kernels.timing.bench_stream_us), after a correctness check of PDL chains.
+"""Programmatic dependent launch (kernels/pdl.py) on and off for tree attention (Llama-3-8B layer,
+prefix 2048 / 8192, 1 and 64 nodes), timed as a stream of calls over distinct KV caches in one
+CUDA graph (hsd.kernels.timing.bench_stream_us), after a correctness check of a PDL chain.
 
     python benchmarks/bench_pdl.py        (needs a Hopper GPU; writes $OUT/pdl.json, default ./out)
 
-The check: a chain of dependent W4A16 linears and attention calls replayed from a CUDA graph with
-PDL on must give what it gives with PDL off (each kernel reads its predecessor's output, so a
-missing wait shows). For the whole decode step with PDL, see bench_decode.py (HSD_PDL=0/1).
+The check: a chain of dependent W4A16 linears, then attention on their output, replayed from a
+CUDA graph with PDL on must give what it gives with PDL off (a missing wait would read a stale
+input). For the whole decode step with PDL, see bench_decode.py (HSD_PDL=0/1).
 """
 import datetime
 import json
@@ -19,11 +19,10 @@ import triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench_attention as ba  # noqa: E402
-from bench_gemm import GROUP, LAYERS, random_w4  # noqa: E402
+from bench_gemm import GROUP, random_w4  # noqa: E402
 from hsd.kernels import attention, w4a16  # noqa: E402
 from hsd.kernels.timing import bench_stream_us, graphed, stream_copies  # noqa: E402
 
-MS = (1, 16, 64)
 SETTINGS = ("0", "1")  # HSD_PDL
 
 
@@ -60,26 +59,6 @@ def chain_check():
     return (outs["0"].float() - outs["1"].float()).abs().max().item()
 
 
-def gemm_stream():
-    """{setting: {"N,K": {M: us}}} for the 8B layer's linears."""
-    res = {on: {} for on in SETTINGS}
-    for n, k in LAYERS["llama3-8b"]:
-        copies = stream_copies(n * k // 2)
-        for m in MS:
-            calls = []
-            for _ in range(copies):
-                qw, s, _ = random_w4(n, k)
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                calls.append(lambda x=x, qw=qw, s=s: w4a16.w4a16_linear_triton(x, qw, s, None, None, GROUP))
-            for on in SETTINGS:
-                set_pdl(on)
-                res[on].setdefault(f"{n},{k}", {})[m] = bench_stream_us(calls, reps=10)
-            print(f"w4a16 N={n} K={k} M={m}: off {res['0'][f'{n},{k}'][m]:.1f} us, on {res['1'][f'{n},{k}'][m]:.1f} us",
-                  flush=True)
-        torch.cuda.empty_cache()
-    return res
-
-
 def attention_stream():
     res = {on: {} for on in SETTINGS}
     for prefix in (2048, 8192):
@@ -106,13 +85,8 @@ def main():
     report = dict(benchmark="pdl", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   chain_max_abs_diff=diff, timing="stream (bench_stream_us)")
-    report["w4a16"] = gemm_stream()
     report["attention"] = attention_stream()
     (out / "pdl.json").write_text(json.dumps(report, indent=1))
-    print(f"{'8B layer W4A16, us':<24}" + "".join(f"{'M=' + str(m):>10}" for m in MS))
-    for on in SETTINGS:
-        print(f"{'PDL ' + ('on' if on == '1' else 'off'):<24}"
-              + "".join(f"{sum(v[m] for v in report['w4a16'][on].values()):>10.1f}" for m in MS))
     print(f"{'attention (prefix,nodes)':<24}" + "".join(f"{key:>12}" for key in report["attention"]["0"]))
     for on in SETTINGS:
         print(f"{'PDL ' + ('on' if on == '1' else 'off'):<24}"

@@ -1,28 +1,25 @@
 """Programmatic dependent launch (PDL, Hopper and later): the next kernel starts while this one ends.
 
-In a decode step each kernel waits for the one before it. On an H100 the gap between two kernels
-(the next grid's launch, then its first loads from DRAM) costs 1-2 us, as much as a small
-linear's whole body (benchmarks/results/README.md). Launched with PDL, a kernel's programs become
-resident while the previous grid finishes; they prefetch into L2 the bytes that no earlier kernel
-writes (the weights), then wait for the previous grid to complete and flush its writes
-(griddepcontrol.wait) and run as usual.
+Launched with PDL, a kernel's programs become resident while the previous grid finishes and wait
+(griddepcontrol.wait) for it to complete and flush its writes, then run as usual, minus the
+launch gap (1-2 us on an H100). The rule of every hsd kernel with PDL: ``wait`` comes first,
+before any load or store, so the result is the same whatever the previous kernel writes; it then
+lets the NEXT grid launch (griddepcontrol.launch_dependents), so that grid overlaps this grid's
+body only, never an earlier kernel's. The ``PDL`` constexpr is False off the GPU: the
+interpreter never sees these instructions.
 
-The rule of every hsd kernel with a PDL prologue: before ``wait`` it only prefetches into L2
-(no load into registers, no store), so the result is the same whatever the previous kernel
-writes. ``wait`` then lets the NEXT grid launch (griddepcontrol.launch_dependents), so that grid
-overlaps this grid's body only, never an earlier kernel. A kernel's ``PDL`` constexpr is False
-off the GPU: the interpreter never sees these instructions.
-
-Inductor's kernels (the rest of a step graph) get PDL too, through its own ``triton.enable_pdl``
-option (hsd.lowering). ``HSD_PDL=0`` in the environment turns all of it off (to time both:
-benchmarks/bench_pdl.py, bench_decode.py).
+Used by the attention op, whose merge kernel always follows its split kernel (H100, prefix 8192,
+decode: 18.6 -> 17.8 us; benchmarks/bench_pdl.py). Measured and not used
+(benchmarks/results/README.md): on the W4A16 kernels it saves ~2 us per 8B layer in a stream of
+linears but nothing in a decode step, where inductor's kernels sit between them; inductor's own
+``triton.enable_pdl`` made the decode step slower; prefetching weights into L2 before the wait
+cost 8 us per layer. ``HSD_PDL=0`` turns it off.
 """
 import functools
 import os
 
 import torch
 import triton
-import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
@@ -39,15 +36,6 @@ def enabled(device: torch.device) -> bool:
 def launch_args(device: torch.device) -> dict:
     """Keyword arguments for a launch of a kernel with a ``PDL`` constexpr."""
     return dict(PDL=True, launch_pdl=True) if enabled(device) else dict(PDL=False)
-
-
-@triton.jit
-def prefetch_l2(ptrs, nbytes: tl.constexpr):
-    """Prefetch ``nbytes`` (a multiple of 16) from every address of ``ptrs`` into L2 (the TMA
-    unit's bulk prefetch: one instruction per contiguous range). GPU only."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0;", "=r,l,r",
-                              [ptrs, tl.full(ptrs.shape, nbytes, tl.int32)], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit

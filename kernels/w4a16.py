@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import pdl, registry, tuning
+from hsd.kernels import registry, tuning
 
 SYMMETRIC_ZERO = 8
 
@@ -196,18 +196,6 @@ def _k_range(K, tiles_per_split, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _pdl_prologue(qw_ptr, first, K, N, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """With PDL (kernels/pdl.py): prefetch this program's first two weight tiles into L2 while
-    the previous kernel ends, then wait for it (x may be its output)."""
-    if PDL:
-        if EVEN:  # whole rows of BLOCK_N words: no prefetch past the tensor's end
-            rows = tl.minimum(first * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 4), K // 8 - 1)
-            pdl.prefetch_l2(qw_ptr + rows * N + tl.program_id(1) * BLOCK_N, BLOCK_N * 4)
-        pdl.wait()
-
-
-@triton.jit
 def _write(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr,
            ATOMIC: tl.constexpr):
     """Store (or with a split K, atomically add) the [BLOCK_M, BLOCK_N] fp32 tile plus bias."""
@@ -258,7 +246,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr,
                       PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor cores: per tile of [BLOCK_K // 8, BLOCK_N] words, 4 dots with K = BLOCK_K // 4,
     dot i over the k = 8 r + i and 8 r + i + 4. The unpacked weights stay in registers.
 
@@ -268,7 +256,6 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     first, last = _k_range(K, tiles_per_split, BLOCK_K)
-    _pdl_prologue(qw_ptr, first, K, N, EVEN, BLOCK_N, BLOCK_K, PDL)
     acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if WEIGHTS_AS_A else (BLOCK_M, BLOCK_N)
     acc = tl.zeros(acc_shape, dtype=tl.float32)
     for t in range(first, last):
@@ -299,7 +286,7 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
                        tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
     layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
     dtype = x_ptr.dtype.element_ty
@@ -308,7 +295,6 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_K // 8)
     first, last = _k_range(K, tiles_per_split, BLOCK_K)
-    _pdl_prologue(qw_ptr, first, K, N, EVEN, BLOCK_N, BLOCK_K, PDL)
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     for t in range(first, last):
         k0 = t * BLOCK_K
@@ -418,8 +404,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
         consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), BLOCK_M=block_m)
     kernel[grid](x2, qweight, scales, zeros, bias, y, m, n, k, x2.stride(0), y.stride(0),
-                 tiles_per_split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts,
-                 **pdl.launch_args(x.device))
+                 tiles_per_split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
     return y.reshape(*x.shape[:-1], n)
 
 

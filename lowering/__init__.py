@@ -9,7 +9,6 @@ references elsewhere (``hsd.kernels.registry``); lowering compiles the rest of t
 import torch
 import torch.fx
 
-from hsd.kernels import pdl
 from hsd.lowering.cuda_graphs import GraphedStep
 
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -30,13 +29,8 @@ def lower(gm: torch.fx.GraphModule, inputs: dict, backend: str, cuda_graph: bool
     inputs = {name: inputs[name] for name in names}
     example = list(inputs.values())
     if backend == "inductor":
-        from torch._inductor import config
         from torch._inductor.compile_fx import compile_fx
-        # inductor's kernels launch with PDL too where hsd's do (hsd/kernels/pdl.py)
-        device = next((t.device for t in example if isinstance(t, torch.Tensor) and t.is_cuda), None)
-        pdl_on = device is not None and pdl.enabled(device)
-        with config.patch({"triton.enable_pdl": pdl_on} if hasattr(config.triton, "enable_pdl") else {}):
-            fn = compile_fx(gm, example)
+        fn = compile_fx(gm, example)
     elif backend == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
         fn = aot_eager(gm, example)
