@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for part in ${@:-tests scaled gemm smoke spec}; do
   echo "=== $part $(date -u +%T)"
   case $part in
-    tests) timeout 150 python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tail -30 ;;
+    tests) timeout ${TESTS_S:-400} python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tail -30 ;;
     tune-w4a16|tune-w4a8)  # the table for the 8B and 70B layers (stream timing), merged into the shipped one
       kernel=${part#tune-}
       cp kernels/configs/${kernel}_h100.json $OUT/
