@@ -141,7 +141,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
                        qk_scale, HKV, T, S, ROWS, CHUNK, N_SPLITS,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        PDL: tl.constexpr = False):
-    if PDL:  # kernels/pdl.py; nothing to prefetch: which slots count depends on cache_len
+    if PDL:  # launched while the previous kernel ends (kernels/pdl.py)
         pdl.wait()
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     cache_len = tl.load(len_ptr + bh // HKV)
@@ -244,12 +244,13 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     assert d >= 16 and d == triton.next_power_of_2(d), f"head dim {d} must be a power of two >= 16"
     rows = hq // hkv * t
     block_m, block_n, chunk, n_splits, warps, stages = _split_plan(rows, slots, b * hkv, q.device, chunk)
+    launch = pdl.launch_args(q.device)   # both kernels: the merge launches while the split ends
     o_part = torch.empty((b * hkv, n_splits + 1, rows, d), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * hkv, n_splits + 1, rows), device=q.device, dtype=torch.float32)
     _attn_split_kernel[(triton.cdiv(rows, block_m), n_splits + 1, b * hkv)](
         q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,
         scale * _LOG2E, hkv, t, slots, rows, chunk, n_splits,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **pdl.launch_args(q.device))
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **launch)
     out = torch.empty_like(q)
     splits = triton.next_power_of_2(n_splits + 1)
     # GPU: about 64 partial rows of 32 columns per program (ncu, H100, decode at prefix 8192: whole
@@ -258,7 +259,7 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     block_d = min(d, 32) if q.is_cuda else d
     _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv, d // block_d)](
         o_part, lse_part, cache_len, out, hkv, rows, chunk, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r,
-        BLOCK_D=block_d, num_warps=4, **pdl.launch_args(q.device))
+        BLOCK_D=block_d, num_warps=4, **launch)
     return out
 
 
