@@ -28,6 +28,7 @@ HQ, HKV, D, DTYPE = 32, 8, 128, torch.float16
 PREFIXES = (512, 2048, 8192)
 NODES = (1, 8, 32, 64, 128)
 PEAK_TBS = 3.0
+LONG_SLOTS = 32768 + max(NODES)
 
 
 def masks(n: int):
@@ -36,11 +37,14 @@ def masks(n: int):
     return {"tree": ancestor_mask(parent).cuda(), "chain": torch.ones(n, n, dtype=torch.bool, device="cuda").tril()}
 
 
-def make_inputs(prefix: int, n: int):
-    slots = prefix + max(NODES)
+def make_inputs(prefix: int, n: int, slots: int = 0):
+    """Random q/k/v and caches of ``slots`` (default just enough) slots filled up to prefix + n."""
+    slots = slots or prefix + max(NODES)
     q = torch.randn(1, HQ, n, D, device="cuda", dtype=DTYPE)
     k, v = (torch.randn(1, HKV, n, D, device="cuda", dtype=DTYPE) for _ in range(2))
-    k_cache, v_cache = (torch.randn(1, 1, HKV, slots, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    k_cache, v_cache = (torch.zeros(1, 1, HKV, slots, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    for cache in (k_cache, v_cache):
+        cache[..., :prefix + max(NODES), :].normal_()
     return q, k, v, k_cache, v_cache, torch.tensor([prefix], device="cuda", dtype=torch.int32)
 
 
@@ -122,6 +126,18 @@ def main():
                                      stream_kv_gbps=kv_bytes / s_us / 1e3, max_abs_err=err if method == "triton" else None))
                     torch.cuda.empty_cache()
 
+    # a long-context cache that is still short: the split count comes from the slots, the chunk
+    # from cache_len, so the prefix should cost what it costs in a cache of its own size
+    long_rows = []
+    for prefix in PREFIXES[1:]:
+        for n in (1, 64):
+            tree_mask = masks(n)["tree"]
+            copies = stream_copies(2 * HKV * prefix * D * 2)
+            s_us = bench_stream_us([call("triton", make_inputs(prefix, n, LONG_SLOTS), prefix, tree_mask, D ** -0.5)
+                                    for _ in range(copies)])
+            long_rows.append(dict(prefix=prefix, nodes=n, slots=LONG_SLOTS, stream_us=s_us))
+            torch.cuda.empty_cache()
+
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 shape=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE), batch=1),
@@ -130,7 +146,7 @@ def main():
                        "writes the new K/V",
                 launch_plans=LAUNCH_PLANS)
     with open(os.path.join(out_dir, "attention.json"), "w") as f:
-        json.dump(dict(meta, results=rows), f, indent=1)
+        json.dump(dict(meta, results=rows, long_cache=long_rows), f, indent=1)
     plot(rows, os.path.join(out_dir, "attention.png"), meta["gpu"])
 
     t = {(r["prefix"], r["nodes"], r["form"], r["method"]): r for r in rows}
@@ -143,6 +159,10 @@ def main():
                 us = {m: f"{x['graph_us']:.1f}/{x['stream_us']:.1f}" for m, x in r.items()}
                 gbps = f"{r['triton']['graph_kv_gbps']:.0f}/{r['triton']['stream_kv_gbps']:.0f}"
                 print(f"{prefix:>6} {n:>5} {form:>5} {us['triton']:>13} {gbps:>11} {us['hf']:>13} {us['gqa']:>13}")
+    for r in long_rows:
+        same = t[r["prefix"], r["nodes"], "tree", "triton"]["stream_us"]
+        print(f"cache of {r['slots']} slots, prefix {r['prefix']}, {r['nodes']} nodes: {r['stream_us']:.1f} us stream "
+              f"({same:.1f} in a cache of prefix + {max(NODES)} slots)")
     for key in ("us", "graph_us", "stream_us"):
         one = t[8192, 1, "tree", "triton"]
         gbps = 2 * HKV * 8192 * D * 2 / one[key] / 1e3

@@ -116,14 +116,14 @@ def split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale):
     b, hq, t, d = q.shape
     hkv, slots = kc.shape[2], kc.shape[3]
     rows = hq // hkv * t
-    block_m, block_n, chunk, n_splits, warps, stages = attention._split_plan(rows, slots, b * hkv, q.device)
-    o = torch.empty((b * hkv, n_splits + 1, rows, d), device="cuda", dtype=torch.float32)
-    lse = torch.empty((b * hkv, n_splits + 1, rows), device="cuda", dtype=torch.float32)
+    block_m, block_n, n_splits, warps, stages = attention._split_plan(rows, slots, b * hkv, q.device)
+    o = torch.empty((b * hkv, n_splits, rows, d), device="cuda", dtype=torch.float32)
+    lse = torch.empty((b * hkv, n_splits, rows), device="cuda", dtype=torch.float32)
 
     def run():
-        attention._attn_split_kernel[(triton.cdiv(rows, block_m), n_splits + 1, b * hkv)](
+        attention._attn_split_kernel[(triton.cdiv(rows, block_m), n_splits, b * hkv)](
             q, k, v, kc[0], vc[0], cache_len, tree_mask.view(torch.uint8), o, lse, scale * attention._LOG2E,
-            hkv, t, slots, rows, chunk, n_splits, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+            hkv, t, slots, rows, n_splits, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages)
     return run
 
@@ -137,7 +137,7 @@ def attention_sweep():
         tree_mask = ba.masks(n)["tree"]
         kind = "few_rows" if ba.HQ // ba.HKV * n <= 64 else "many_rows"
         if kind == "few_rows":
-            plans = [(64, bn, 4, st, per_sm) for bn, st, per_sm in itertools.product((64, 128), (2, 3, 4), (1, 2, 4))]
+            plans = [(64, bn, w, st, per_sm) for bn, w, st, per_sm in itertools.product((64, 128), (4, 8), (2, 3), (1, 2, 3))]
         else:
             plans = [(cap, bn, 4 if cap == 64 else 8, st, per_sm)
                      for cap, bn, st, per_sm in itertools.product((64, 128), (64, 128), (2, 3), (1, 2))]

@@ -8,6 +8,8 @@ them. Nodes are annotated in ``node.meta``:
   "hsd_module": module path of a Linear call ("model.layers.0.mlp.down_proj", "lm_head")
 The KV cache enters later, when ``RewriteAttention`` turns each SDPA node into ``hsd::attention``.
 """
+import re
+
 import torch
 import torch.fx
 
@@ -122,7 +124,7 @@ def is_linear(node) -> bool:
 def _module_path(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
-        path = list(stack.values())[-1][0]
-        return path.removeprefix("L['self']").removeprefix(".")
+        # dynamo names the root by how it was passed: L['self'].model..., L['args'][0].model...
+        return re.sub(r"^L(\[[^\]]*\])+\.?", "", list(stack.values())[-1][0])
     weight = node.args[1]
     return weight.target.rsplit(".", 1)[0] if weight.op == "get_attr" else node.name
