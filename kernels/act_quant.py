@@ -57,27 +57,45 @@ def quantize_block(v, scale, TOP: tl.constexpr, IS_INT: tl.constexpr):
 
 
 @triton.jit
+def row_scale(amax, TOP: tl.constexpr):
+    """The token's scale from a block of running |x| maxima, rounded like the reference."""
+    return tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-8), TOP)
+
+
+@triton.jit
 def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, TOP: tl.constexpr,
-                               IS_INT: tl.constexpr, BLOCK: tl.constexpr):
-    """Row program_id(0): absmax over K in BLOCK chunks, then quantize the chunks (a row of a
-    decode step is a few KB, so the second read hits L1/L2)."""
+                               IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Row program_id(0). ONE_PASS (the row fits one BLOCK): one read, the row held in registers.
+    Else absmax over K in BLOCK chunks, then quantize the chunks (the second read hits L1/L2)."""
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-8), TOP)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    q_row = q_ptr + row.to(tl.int64) * K
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK)
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row.to(tl.int64) * K + offs, quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
+        scale = row_scale(tl.abs(v), TOP)
+        tl.store(q_row + offs, quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+        scale = row_scale(amax, TOP)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            tl.store(q_row + offs, quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
     tl.store(s_ptr + row, scale)
+
+
+# Rows up to this many elements are read once and held in registers (32 fp32 a thread at 16 warps).
+ONE_PASS_MAX = 16384
 
 
 def row_outputs(x: torch.Tensor, kind: str, block: int):
     """For a kernel with one program per token: (x as rows [R, K] with unit stride, q [R, K],
-    scale [R], BLOCK, num_warps). Callers reshape q and scale back to x's leading shape."""
+    scale [R], the launch's BLOCK / ONE_PASS / num_warps). Callers reshape q and scale back to
+    x's leading shape."""
     dtype, _ = check_kind(kind)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -86,17 +104,21 @@ def row_outputs(x: torch.Tensor, kind: str, block: int):
     q = torch.empty(x2.shape, device=x.device, dtype=dtype)
     scale = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
     block = min(block, triton.next_power_of_2(k))
-    return x2, q, scale, block, 4 if block <= 1024 else 8
+    # At decode one program (one SM) does the whole row, so its time is latency: more warps keep
+    # more loads in flight, and 16-32 elements a thread keep a row held in registers unspilled
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return x2, q, scale, dict(BLOCK=block, ONE_PASS=block >= k, num_warps=warps)
 
 
 @registry.register("quantize_per_token", "cuda", "triton")
 @registry.register("quantize_per_token", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def quantize_per_token_triton(x: torch.Tensor, kind: str, block: int = 4096):
+def quantize_per_token_triton(x: torch.Tensor, kind: str, block: int = ONE_PASS_MAX):
+    """``block`` caps the kernel's block: rows wider than it are walked in chunks, twice."""
     dtype, top = check_kind(kind)
     if not x.is_floating_point() or x.dim() == 0:
         raise ValueError(f"quantize_per_token: x must be a float tensor [..., K], got {x.dtype} {tuple(x.shape)}")
-    x2, q, scale, block, warps = row_outputs(x, kind, block)
+    x2, q, scale, launch = row_outputs(x, kind, block)
     if x2.numel():
         _quantize_per_token_kernel[(x2.shape[0],)](x2, q, scale, x2.shape[1], x2.stride(0), TOP=top,
-                                                   IS_INT=dtype == torch.int8, BLOCK=block, num_warps=warps)
+                                                   IS_INT=dtype == torch.int8, **launch)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])

@@ -4,14 +4,17 @@ int8 and int4 run under the interpreter and must match the reference bit for bit
 interpreter's fp32 -> e4m3 cast rounds some values wrongly (checked below, so a fixed
 interpreter shows up), so the fp8 kind is compared with the reference on the GPU.
 """
+import itertools
+
 import pytest
 import torch
 import triton
 import triton.language as tl
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from hsd.kernels import registry
-from hsd.kernels.act_quant import KINDS, dequantize, quantize_per_token_reference, quantize_per_token_triton
+from hsd.kernels.act_quant import (KINDS, ONE_PASS_MAX, dequantize, quantize_per_token_reference,
+                                  quantize_per_token_triton, row_outputs)
 from hsd.testing import sqnr_db
 
 
@@ -29,12 +32,23 @@ def rows(m, k, seed, dtype=torch.float32, outliers=False, device="cpu"):
 @given(m=st.integers(1, 9), k=st.integers(1, 300), kind=st.sampled_from(["int8", "int4"]),
        dtype=st.sampled_from([torch.float16, torch.float32]), outliers=st.booleans(),
        block=st.sampled_from([32, 4096]), seed=st.integers(0, 2**16))
+@example(m=3, k=100, kind="int8", dtype=torch.float16, outliers=True, block=4096, seed=1)  # one pass
+@example(m=3, k=100, kind="int4", dtype=torch.float32, outliers=True, block=32, seed=2)  # 4 chunks
 def test_int_kinds_match_reference_exactly(m, k, kind, dtype, outliers, block, seed):
     x = rows(m, k, seed, dtype, outliers)
-    q, s = quantize_per_token_triton(x, kind, block=block)  # block 32: several chunks per row
+    q, s = quantize_per_token_triton(x, kind, block=block)  # block 32: rows wider walk in chunks
     q_ref, s_ref = quantize_per_token_reference(x, kind)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
     assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+
+
+def test_decode_rows_take_one_pass():
+    """Llama-3-8B's rows (hidden 4096, intermediate 14336) are read once; wider ones loop."""
+    def launch(k):
+        return row_outputs(torch.empty(1, k), "int8", ONE_PASS_MAX)[3]
+    assert launch(4096) == dict(BLOCK=4096, ONE_PASS=True, num_warps=8)
+    assert launch(14336) == dict(BLOCK=16384, ONE_PASS=True, num_warps=16)
+    assert launch(28672) == dict(BLOCK=16384, ONE_PASS=False, num_warps=16)
 
 
 def test_ties_round_to_even_like_torch():
@@ -94,9 +108,9 @@ def test_interpreter_fp8_cast_is_still_wrong():
 @pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_matches_reference(kind, dtype):
-    for m, k in [(1, 4096), (7, 14336), (64, 4096)]:
+    for (m, k), block in itertools.product([(1, 4096), (7, 14336), (64, 4096)], [ONE_PASS_MAX, 1024]):
         x = rows(m, k, m, dtype, outliers=True, device="cuda")
-        q, s = quantize_per_token_triton(x, kind)
+        q, s = quantize_per_token_triton(x, kind, block=block)  # one pass, and chunks
         q_ref, s_ref = quantize_per_token_reference(x, kind)
         assert torch.equal(s, s_ref)
         assert torch.equal(q.float(), q_ref.float()), (q.float() != q_ref.float()).sum()

@@ -1,10 +1,12 @@
 """Fused RMSNorm + per-token quantization: reference = unfused ops, Triton kernel vs reference."""
+import itertools
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from hsd.kernels import registry
-from hsd.kernels.act_quant import dequantize, quantize_per_token_reference
+from hsd.kernels.act_quant import ONE_PASS_MAX, dequantize, quantize_per_token_reference
 from hsd.kernels.rmsnorm_quant import rmsnorm, rmsnorm_quant_reference, rmsnorm_quant_triton
 
 
@@ -31,6 +33,8 @@ def test_reference_is_the_hf_norm_then_quantization():
 @given(m=st.integers(1, 6), k=st.integers(1, 300), kind=st.sampled_from(["int8", "int4"]),
        dtype=st.sampled_from([torch.float16, torch.float32]), block=st.sampled_from([32, 4096]),
        eps=st.sampled_from([1e-6, 1e-5]), seed=st.integers(0, 2**16))
+@example(m=3, k=100, kind="int8", dtype=torch.float16, block=4096, eps=1e-6, seed=1)  # one pass
+@example(m=3, k=100, kind="int4", dtype=torch.float32, block=32, eps=1e-5, seed=2)  # 3 passes of 4 chunks
 def test_kernel_matches_reference(m, k, kind, dtype, block, eps, seed):
     """The row sum's order may differ (a last-bit change of rstd), so a few elements may land
     one quantization step away; the scales agree to float rounding."""
@@ -69,9 +73,9 @@ def test_bad_inputs(bad, match):
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_matches_reference(kind, dtype):
-    for m, k in [(1, 4096), (16, 4096), (3, 5120)]:
+    for (m, k), block in itertools.product([(1, 4096), (16, 4096), (3, 5120)], [ONE_PASS_MAX, 1024]):
         x, w = case(m, k, m, dtype, "cuda")
-        q, s = rmsnorm_quant_triton(x, w, 1e-5, kind)
+        q, s = rmsnorm_quant_triton(x, w, 1e-5, kind, block=block)  # one pass, and chunks
         q_ref, s_ref = rmsnorm_quant_reference(x, w, 1e-5, kind)
         torch.testing.assert_close(s, s_ref, rtol=8e-3, atol=0)  # a flip of the 16-bit max
         y, y_ref = dequantize(q, s), dequantize(q_ref, s_ref)
