@@ -23,7 +23,7 @@ import torch
 import triton
 
 from hsd.kernels import scaled_mm, tuning, w4a16, w4a8
-from hsd.kernels.timing import bench_stream_us, bench_us, stream_copies
+from hsd.kernels.timing import bench_stream_us, bench_us, copy_tbs, stream_copies
 
 LAYERS = {  # (N, K) of qkv, o, gate_up, down
     "llama3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
@@ -33,7 +33,7 @@ EXTRA = {"llama3-8b-lm_head": [(128256, 4096)]}  # e.g. the EAGLE head's 4-bit d
 SHAPE_SETS = {**LAYERS, **EXTRA}
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP = 128
-HBM_TBS = 3.02  # H100 device-to-device copy, TB/s (docs REFERENCE.md section 1)
+HBM_TBS = 3.02  # device-to-device copy, TB/s, on an H100 (REFERENCE.md section 1); main() measures it
 TIMINGS = ("stream", "do_bench")
 TINYGEMM = hasattr(torch, "_weight_int4pack_mm")
 
@@ -211,6 +211,7 @@ def w4_bytes(shapes):
 
 
 def main():
+    global HBM_TBS
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true", help="tune the config table for these shapes first")
     ap.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(SHAPE_SETS),
@@ -223,7 +224,8 @@ def main():
     if args.tune:
         shapes = [s for layer in models.values() for s in layer]
         print("tuned table:", w4a16.tune(shapes, path=out / tuning.path("w4a16", name).name), flush=True)
-    report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
+    HBM_TBS = copy_tbs()
+    report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__, copy_tbs=HBM_TBS,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   group_size=GROUP, timing={"stream": "kernels/timing.bench_stream_us: per linear, distinct weight copies "
                                                 "(>= 4 L2 sizes) back to back in one CUDA graph, median replay / copies",

@@ -116,14 +116,15 @@ def split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale):
     b, hq, t, d = q.shape
     hkv, slots = kc.shape[2], kc.shape[3]
     rows = hq // hkv * t
-    block_m, block_n, n_splits, warps, stages = attention._split_plan(rows, slots, b * hkv, q.device)
-    o = torch.empty((b * hkv, n_splits, rows, d), device="cuda", dtype=torch.float32)
-    lse = torch.empty((b * hkv, n_splits, rows), device="cuda", dtype=torch.float32)
+    block_m, block_n, n_splits, warps, stages, tree_split = attention._split_plan(rows, slots, b * hkv, q.device)
+    parts = n_splits + tree_split
+    o = torch.empty((b * hkv, parts, rows, d), device="cuda", dtype=torch.float32)
+    lse = torch.empty((b * hkv, parts, rows), device="cuda", dtype=torch.float32)
 
     def run():
-        attention._attn_split_kernel[(triton.cdiv(rows, block_m), n_splits, b * hkv)](
+        attention._attn_split_kernel[(triton.cdiv(rows, block_m), parts, b * hkv)](
             q, k, v, kc[0], vc[0], cache_len, tree_mask.view(torch.uint8), o, lse, scale * attention._LOG2E,
-            hkv, t, slots, rows, n_splits, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+            hkv, t, slots, rows, n_splits, D=d, BLOCK_M=block_m, BLOCK_N=block_n, TREE_SPLIT=tree_split,
             num_warps=warps, num_stages=stages)
     return run
 
@@ -137,11 +138,12 @@ def attention_sweep():
         tree_mask = ba.masks(n)["tree"]
         kind = "few_rows" if ba.HQ // ba.HKV * n <= 64 else "many_rows"
         if kind == "few_rows":
-            plans = [(64, bn, w, st, per_sm) for bn, w, st, per_sm in itertools.product((64, 128), (4, 8), (2, 3), (1, 2, 3))]
+            plans = [(64, bn, 4, st, per_sm, ts) for bn, st, per_sm, ts
+                     in itertools.product((64, 128), (2, 3), (2, 4), (True, False))]
         else:
-            plans = [(cap, bn, 4 if cap == 64 else 8, st, per_sm)
-                     for cap, bn, st, per_sm in itertools.product((64, 128), (64, 128), (2, 3), (1, 2))]
-            plans += [(256, 64, 8, 2, 1), (256, 64, 8, 2, 2)]  # all 256 rows of 64 nodes in one tile
+            plans = [(64, 64, 4, 3, 1, True), (64, 64, 4, 3, 2, False), (64, 64, 4, 2, 1, False),
+                     (64, 128, 4, 3, 1, False), (128, 64, 8, 3, 1, False), (128, 64, 8, 3, 1, True),
+                     (128, 64, 8, 2, 1, False)]
         plans = [default[kind]] + plans
         kr, vr = kc.clone(), vc.clone()
         want = attention.attention_reference(q, k, v, kr, vr, 0, cache_len, tree_mask, scale)

@@ -120,12 +120,13 @@ def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_m
 # Grid (row block, split, b * Hkv). The rows of one program are the G = Hq / Hkv query heads of
 # one KV group times the T new tokens (row r = head g * T + token t; contiguous in q), so each
 # K/V tile is read once per row block. The number of splits is fixed by shapes (so CUDA graphs
-# replay with any cache_len) and sized so that all programs run in one wave; the prefix
-# cache_len[b] is cut into that many equal chunks inside the kernel, so every split has work at
-# any fill of the cache (a chunk size fixed by the cache's slots would leave most programs idle
-# while the cache is short). The last split with prefix work then also attends to the new
-# tokens, read from k/v (not from the cache: the same launch writes them there), under the tree
-# mask. A second kernel merges the partial results through their log-sum-exps.
+# replay with any cache_len); the prefix cache_len[b] is cut into that many equal chunks inside
+# the kernel, so every split has work at any fill of the cache (a chunk size fixed by the
+# cache's slots would leave most programs idle while the cache is short). The new tokens, read
+# from k/v (not from the cache: the same launch writes them there), are attended to under the
+# tree mask either by one more split (TREE_SPLIT: short programs at decode, where the critical
+# path is one program's loads) or by the last split with prefix work (big trees: no extra
+# programs past one wave). A second kernel merges the partial results through their log-sum-exps.
 
 @triton.jit
 def _chunking(len_ptr, b, S, N_SPLITS, BLOCK_N: tl.constexpr):
@@ -151,14 +152,17 @@ def _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o_ptr, lse_ptr,
                        qk_scale, HKV, T, S, ROWS, N_SPLITS,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       TREE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # launched while the previous kernel ends (kernels/pdl.py)
         pdl.wait()
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     cache_len, n, chunk, last = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N)
-    lo = split * chunk
+    lo = split * chunk          # the tree split (N_SPLITS) starts past n: no prefix work
     hi = tl.minimum(lo + chunk, n)
-    if (lo < hi) | (split == last):
+    parts, tree = N_SPLITS, split == last
+    if TREE_SPLIT:
+        parts, tree = N_SPLITS + 1, split == N_SPLITS
+    if (lo < hi) | tree:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < ROWS
         offs_d = tl.arange(0, D)
@@ -173,7 +177,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
             k = tl.load(kc_ptr + kv, mask=col_ok[:, None], other=0.0)
             v = tl.load(vc_ptr + kv, mask=col_ok[:, None], other=0.0)
             m_i, l_i, acc = _softmax_step(q, k, v, col_ok[None, :], m_i, l_i, acc, qk_scale)
-        if split == last:
+        if tree:
             for n0 in range(0, T, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < T
@@ -188,7 +192,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
                     tl.store(kc_ptr + cache, k, mask=ok)
                     tl.store(vc_ptr + cache, v, mask=ok)
                 m_i, l_i, acc = _softmax_step(q, k, v, allowed != 0, m_i, l_i, acc, qk_scale)
-        part = bh * N_SPLITS + split
+        part = bh * parts + split
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
                  mask=row_ok[:, None])
@@ -198,17 +202,20 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
 @triton.jit
 def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, S, ROWS, N_SPLITS,
                         D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_N: tl.constexpr, TREE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # launched while the split kernel ends (kernels/pdl.py)
         pdl.wait()
     # all partials of BLOCK_R rows x BLOCK_D columns in one [SPLITS, BLOCK_R, BLOCK_D] tile: one
     # round trip to memory, and (with the column split) enough programs to fill the GPU at decode
     pid_r, bh, pid_d = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    _, _, _, last = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N)
+    _, n, chunk, last = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N)
     split = tl.arange(0, SPLITS)[:, None]
     rows = tl.minimum(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), ROWS - 1)[None, :]   # pad: repeat the last
-    used = split <= last
-    part_row = (bh * N_SPLITS + split) * ROWS + rows                           # [SPLITS, BLOCK_R]
+    parts, tree = N_SPLITS, last
+    if TREE_SPLIT:
+        parts, tree = N_SPLITS + 1, N_SPLITS
+    used = (split * chunk < n) | (split == tree)      # what the split kernel wrote
+    part_row = (bh * parts + split) * ROWS + rows                          # [SPLITS, BLOCK_R]
     lse = tl.load(lse_ptr + part_row, mask=used, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[None, :])
@@ -220,19 +227,21 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, S, ROWS, N_SPLITS
              out.to(out_ptr.dtype.element_ty), mask=(rows_out < ROWS)[:, None])
 
 
-# (BLOCK_M cap, BLOCK_N, num_warps, num_stages, programs per SM), for Q tiles of at most 64 rows
-# (decode, small trees) and more. "Programs per SM" sets the split count: that many programs of
-# the plan must fit on an SM at once (registers, shared memory), so the grid is one full wave.
-# Chosen by benchmarks/sweep_kernels.py on an H100 (CUDA-graph timings, cold L2, prefix 2048 and
-# 8192, 1 and 64 nodes).
-LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2), "many_rows": (64, 64, 4, 3, 1)}
-MAX_SPLITS = 64   # the reduce holds all partials of a row in registers
+# (BLOCK_M cap, BLOCK_N, num_warps, num_stages, prefix programs per SM, tree split), for Q tiles
+# of at most 64 rows (decode, small trees) and more. Programs per SM sets the split count;
+# tree split: the new tokens get their own split (see above). Chosen by
+# benchmarks/sweep_kernels.py on an H200 (stream timings, prefix 2048 and 8192, 1 and 64 nodes;
+# sweep_attention_h200.json).
+LAUNCH_PLANS = {"few_rows": (64, 64, 4, 3, 2, True), "many_rows": (64, 64, 4, 3, 1, False)}
+MAX_SPLITS = 63   # the reduce holds all partials of a row in registers (64 with the tree split)
 
 
 @functools.cache
-def _split_plan(rows: int, slots: int, groups: int, device: torch.device, n_splits=None):
-    """-> (BLOCK_M, BLOCK_N, n_splits, num_warps, num_stages), from shapes only (never cache_len)."""
-    cap, block_n, warps, stages, per_sm = LAUNCH_PLANS["few_rows" if rows <= 64 else "many_rows"]
+def _split_plan(rows: int, slots: int, groups: int, device: torch.device, n_splits=None, tree_split=None):
+    """-> (BLOCK_M, BLOCK_N, n_splits, num_warps, num_stages, tree split), from shapes only
+    (never cache_len); n_splits counts the prefix splits."""
+    cap, block_n, warps, stages, per_sm, plan_tree_split = LAUNCH_PLANS["few_rows" if rows <= 64 else "many_rows"]
+    tree_split = plan_tree_split if tree_split is None else tree_split
     block_m = min(cap, max(16, triton.next_power_of_2(rows)))
     if n_splits is None:
         # the interpreter wants few programs
@@ -241,35 +250,38 @@ def _split_plan(rows: int, slots: int, groups: int, device: torch.device, n_spli
         n_splits = slots_per_wave // (groups * triton.cdiv(rows, block_m))
     n_splits = max(1, min(n_splits, MAX_SPLITS, triton.cdiv(slots, block_n)))
     assert block_m >= 16 and block_n >= 16, (block_m, block_n)
-    return block_m, block_n, n_splits, warps, stages
+    return block_m, block_n, n_splits, warps, stages, tree_split
 
 
 @registry.register("attention", "cuda", "triton", default=True)
 @registry.register("attention", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float, n_splits=None):
-    """``n_splits`` (how many programs share each prefix) overrides the plan; tests use it."""
+def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float, n_splits=None,
+                     tree_split=None):
+    """``n_splits`` (how many programs share each prefix) and ``tree_split`` override the plan;
+    tests use them."""
     validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask)
     b, hq, t, d = q.shape
     hkv, slots = k_cache.shape[2], k_cache.shape[3]
     assert d >= 16 and d == triton.next_power_of_2(d), f"head dim {d} must be a power of two >= 16"
     rows = hq // hkv * t
-    block_m, block_n, n_splits, warps, stages = _split_plan(rows, slots, b * hkv, q.device, n_splits)
+    block_m, block_n, n_splits, warps, stages, tree_split = _split_plan(rows, slots, b * hkv, q.device, n_splits, tree_split)
     launch = pdl.launch_args(q.device)   # both kernels: the merge launches while the split ends
-    o_part = torch.empty((b * hkv, n_splits, rows, d), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((b * hkv, n_splits, rows), device=q.device, dtype=torch.float32)
-    _attn_split_kernel[(triton.cdiv(rows, block_m), n_splits, b * hkv)](
+    parts = n_splits + tree_split
+    o_part = torch.empty((b * hkv, parts, rows, d), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((b * hkv, parts, rows), device=q.device, dtype=torch.float32)
+    _attn_split_kernel[(triton.cdiv(rows, block_m), parts, b * hkv)](
         q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,
-        scale * _LOG2E, hkv, t, slots, rows, n_splits,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **launch)
+        scale * _LOG2E, hkv, t, slots, rows, n_splits, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        TREE_SPLIT=tree_split, num_warps=warps, num_stages=stages, **launch)
     out = torch.empty_like(q)
-    splits = triton.next_power_of_2(n_splits)
+    splits = triton.next_power_of_2(parts)
     # GPU: about 64 partial rows of 32 columns per program (ncu, H100, decode at prefix 8192: whole
     # rows in 16 programs took 6.8 us, a third of the split kernel); interpreter: one program per KV head
     block_r = max(2, 64 // splits) if q.is_cuda else triton.next_power_of_2(rows)
     block_d = min(d, 32) if q.is_cuda else d
     _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv, d // block_d)](
         o_part, lse_part, cache_len, out, hkv, slots, rows, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4, **launch)
+        BLOCK_D=block_d, BLOCK_N=block_n, TREE_SPLIT=tree_split, num_warps=4, **launch)
     return out
 
 

@@ -57,3 +57,11 @@ def bench_stream_us(fns, reps: int = 20) -> float:
     """Median microseconds per call of ``fns`` (zero-arg callables, each over its OWN operands,
     see ``stream_copies``) run in order from one CUDA graph, replayed ``reps`` times."""
     return replay_us(graphed(lambda: [fn() for fn in fns]), reps) / len(fns)
+
+
+def copy_tbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in TB/s (bytes read + written), the ceiling that the
+    bandwidth targets are stated against (3.0 TB/s on an H100; more on an H200)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / replay_us(graphed(lambda: dst.copy_(src)), reps=10) / 1e6
