@@ -108,28 +108,8 @@ def dequantize(qweight, scales, zeros, group_size: int) -> torch.Tensor:
     return ((q - z) * scales.repeat_interleave(group_size, 0)).t()
 
 
-DOT_BLOCK = 128  # dot order permutes K within blocks of this many columns
-
-
-def dot_order(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (K a multiple of 128) with its columns in the order the kernels' 4 dots read
-    them: within each block of 128, column 32 j + 2 r + a holds k = 8 r + 4 a + j (nibble
-    j + 4 a of word r, see ``_nibbles``). Each dot's activations are then one contiguous slice,
-    loaded straight into the tensor-core operand instead of split in registers and written back
-    to shared memory (benchmarks/results/README.md). Plain torch ops: ``hsd.lowering`` puts this
-    in front of the op, where inductor folds it into the kernel that produces x."""
-    return x.unflatten(-1, (-1, 16, 2, 4)).movedim(-1, -3).flatten(-4)
-
-
-def natural_order(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``dot_order``."""
-    return x.unflatten(-1, (-1, 4, 16, 2)).movedim(-3, -1).flatten(-4)
-
-
 @registry.register("w4a16_linear", "cpu", "reference")
-def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int, x_dot_order: bool = False):
-    if x_dot_order:
-        x = natural_order(x)
+def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int):
     w = dequantize(qweight, scales, zeros, group_size).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -244,13 +224,6 @@ def _split4(x):
 
 
 @triton.jit
-def _dot_order_base(k0):
-    """Where k0 (nibble 0 of word row k0 // 8) sits in dot order: its block's start plus 2 per
-    word before it in the block. A tile (BLOCK_K 64 or 128) never crosses a block."""
-    return k0 - k0 % 128 + 2 * ((k0 % 128) // 8)
-
-
-@triton.jit
 def _interleave_rows(lo, hi):
     """[R, N], [R, N] -> [2 R, N] with row 2 r + a from lo (a = 0) or hi (a = 1)."""
     both = tl.permute(tl.join(lo, hi), (0, 2, 1))
@@ -273,7 +246,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr,
                       PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT_ORDER: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor cores: per tile of [BLOCK_K // 8, BLOCK_N] words, 4 dots with K = BLOCK_K // 4,
     dot i over the k = 8 r + i and 8 r + i + 4. The unpacked weights stay in registers.
 
@@ -289,18 +262,9 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
         k0 = t * BLOCK_K
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, EVEN, dtype)
-        if X_DOT_ORDER:  # see dot_order: dot i reads one contiguous slice (K % 128 == 0)
-            xs = ()
-            for i in tl.static_range(4):
-                offs_k = _dot_order_base(k0) + 32 * i + tl.arange(0, BLOCK_K // 4)
-                # as x.T [BLOCK_K // 4, BLOCK_M] (K-major), the B operand's layout in memory
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                             mask=(offs_m < M)[None, :], other=0.0)
-                xs += (tl.trans(xt),)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xs = _split4(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                                 mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xs = _split4(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
         if SCALE_PER_TILE:
             part = tl.zeros(acc_shape, dtype=tl.float32)
             for i in tl.static_range(4):
@@ -321,8 +285,8 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                        tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
-                       EVEN: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT_ORDER: tl.constexpr):
+                      EVEN: tl.constexpr, ASM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
     layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
     dtype = x_ptr.dtype.element_ty
@@ -337,18 +301,15 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
         # (q - zero) in the 16-bit activation dtype is exact and takes half the integer ops
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, EVEN, dtype)
+        x_ptrs = x_ptr + m * stride_xm + k0 + 8 * offs_r
         x_mask = k0 + 8 * offs_r < K
-        if X_DOT_ORDER:  # nibble i of word r at 32 i + 2 r, nibble i + 4 right after it
-            x_ptrs, x_step, x_next = x_ptr + m * stride_xm + _dot_order_base(k0) + 2 * offs_r, 32, 1
-        else:
-            x_ptrs, x_step, x_next = x_ptr + m * stride_xm + k0 + 8 * offs_r, 1, 4
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         for i in tl.static_range(4):
             w_lo, w_hi = _nibbles(q, i, zero, ASM)
             if not SCALE_PER_TILE:
                 w_lo, w_hi = w_lo * scale, w_hi * scale
-            x_lo = tl.load(x_ptrs + i * x_step, mask=x_mask, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptrs + i * x_step + x_next, mask=x_mask, other=0.0).to(tl.float32)
+            x_lo = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptrs + i + 4, mask=x_mask, other=0.0).to(tl.float32)
             part += w_lo.to(tl.float32) * x_lo[:, None] + w_hi.to(tl.float32) * x_hi[:, None]
         acc += part * scale if SCALE_PER_TILE else part
     _write(y_ptr, b_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, M, N, stride_ym, HAS_BIAS,
@@ -413,15 +374,12 @@ def _check(x, qweight, scales, zeros, bias, group_size):
 
 @registry.register("w4a16_linear", "cuda", "triton")
 @registry.register("w4a16_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None,
-                        x_dot_order: bool = False):
+def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None):
     """config: dict(KERNEL ("mma" or "gemv"), BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
     num_stages, optional WEIGHTS_AS_A (mma only; default BLOCK_M >= 64)); default: the tuned
-    table for this GPU, else ``default_config``. x_dot_order: x's columns are in ``dot_order``."""
+    table for this GPU, else ``default_config``."""
     _check(x, qweight, scales, zeros, bias, group_size)
     k, n = x.shape[-1], scales.shape[1]
-    if x_dot_order and k % DOT_BLOCK:
-        raise ValueError(f"w4a16: activations in dot order need in_features % {DOT_BLOCK} == 0, got {k}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -434,7 +392,6 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
         assert block_m == 1 and block_k >= 8, cfg
     else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
         assert min(block_m, block_n, block_k // 4) >= 16, cfg
-    assert not x_dot_order or block_k in (64, 128), cfg  # a tile within one dot-order block
     grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, split, x.device, x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
@@ -442,7 +399,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
                   SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=grid[2] > 1,
                   EVEN=n % block_n == 0 and k % block_k == 0,
                   ASM=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16),
-                  BLOCK_N=block_n, BLOCK_K=block_k, X_DOT_ORDER=x_dot_order)
+                  BLOCK_N=block_n, BLOCK_K=block_k)
     if kernel is _w4a16_mma_kernel:
         consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), BLOCK_M=block_m)
