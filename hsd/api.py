@@ -10,7 +10,6 @@ from hsd.lowering import BACKENDS, default_backend
 from hsd.passes import (QUANT_SCHEMES, FuseSiblingLinears, LoadWeights, PassManager, QuantizeLinear,
                         RewriteAttention, RotateHadamard, as_pass)
 from hsd.passes import gptq
-from hsd.passes.mlp import FuseSiluMulQuant
 from hsd.passes.norm import FuseRMSNormQuant
 from hsd.passes.smoothquant import SmoothQuant, activation_absmax
 
@@ -27,9 +26,9 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
     or callables on a torch.fx.GraphModule), RotateHadamard (for quant="w4a4" and QSpec with
     4-bit drafts), RewriteAttention, SmoothQuant (w8a8), FuseSiblingLinears (if ``fuse``),
-    QuantizeLinear, FuseRMSNormQuant and FuseSiluMulQuant (if ``quant``). ``dump_graphs``: a
-    directory for each graph before and after every pass (or set HSD_DUMP_GRAPHS). ``backend``:
-    "inductor" (CUDA default, with CUDA graphs), "aot_eager" or "eager" (CPU default).
+    QuantizeLinear and FuseRMSNormQuant (if ``quant``). ``dump_graphs``: a directory for each graph before and after
+    every pass (or set HSD_DUMP_GRAPHS). ``backend``: "inductor" (CUDA default, with CUDA
+    graphs), "aot_eager" or "eager" (CPU default).
 
     ``weights``: for a model built on the meta device (no weight materialised), the tensors by
     Hugging Face name; Linears take ``<module>.qweight`` / ``.scales`` / ``.zeros`` in hsd's W4
@@ -46,8 +45,7 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     head for it); ``spec_config`` its settings dataclass (``hsd.spec.DraftConfig``,
     ``hsd.spec.QSpecConfig``, ``hsd.eagle2.Eagle2Config``, ``hsd.hierarchical.HierarchicalConfig``).
     ``quant="w8a8"`` / ``"fp8"``: 8-bit per-channel weights and per-token activations
-    (``hsd.passes.scaled``); RMSNorm + activation quantization fuse (``FuseRMSNormQuant``), so do
-    silu(gate) * up + down_proj's activation quantization (``FuseSiluMulQuant``). w8a8
+    (``hsd.passes.scaled``); RMSNorm + activation quantization fuse (``FuseRMSNormQuant``). w8a8
     first runs ``SmoothQuant(alpha=smooth_alpha)`` (None: off) on statistics of ``calibration``
     (token ids [n, T]; default: the embedded text through ``tokenizer`` if given, else random ids).
 
@@ -93,7 +91,7 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
         builtin.append(FuseSiblingLinears())
     if quant is not None:
         builtin += [QuantizeLinear(quant, group_size=group_size, prequantized=weights, hessians=hessians,
-                                   act_order=act_order), FuseRMSNormQuant(), FuseSiluMulQuant()]
+                                   act_order=act_order), FuseRMSNormQuant()]
     cache = KVCache.for_config(model.config, batch_size, max_seq_len, prefill_chunk, dtype, device)
     engine = Engine(model, PassManager(user_passes + builtin, dump_dir=dump_graphs), cache,
                     backend or default_backend(torch.device(device)), min(prefill_chunk, max_seq_len))

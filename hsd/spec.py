@@ -12,7 +12,7 @@ import torch
 from hsd.eagle2 import eagle2_pipeline
 from hsd.engine import Engine
 from hsd.hierarchical import hierarchical_pipeline
-from hsd.passes import FuseRMSNormQuant, FuseSiluMulQuant, LowBitActivations
+from hsd.passes import FuseRMSNormQuant, LowBitActivations
 from hsd.passes.w4a8 import KIND_OF_BITS
 from hsd.sampling import accept_chain, finish, probs, select
 from hsd.stats import Clock, Stats
@@ -157,8 +157,7 @@ def _qspec_pipeline(target, draft, config, compile_model, intermediate=None):
         raise ValueError('spec="qspec" drafts with the target itself: do not pass draft=')
     config = config or QSpecConfig()
     config.validate()
-    drafter = target.with_passes(LowBitActivations(KIND_OF_BITS[config.act_bits]), FuseRMSNormQuant(),
-                                 FuseSiluMulQuant())
+    drafter = target.with_passes(LowBitActivations(KIND_OF_BITS[config.act_bits]), FuseRMSNormQuant())
     return DraftPipeline(target, drafter, DraftConfig(config.k))
 
 

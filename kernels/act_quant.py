@@ -44,7 +44,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def quantize_block(v, scale, TOP: tl.constexpr, IS_INT: tl.constexpr):
     """v / scale rounded like the reference: to even integers in -TOP..TOP, or to e4m3 (whose
-    cast rounds to nearest even). Shared with the fused RMSNorm and SiLU-mul kernels."""
+    cast rounds to nearest even). Shared with the fused RMSNorm kernel."""
     q = tl.math.div_rn(v, tl.zeros_like(v) + scale)
     if IS_INT:
         # adding and removing 1.5 * 2**23 rounds half to even (|q| <= TOP is far below 2**22);
@@ -92,20 +92,15 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, TOP: tl.constex
 ONE_PASS_MAX = 16384
 
 
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] as rows [R, K] with unit stride along K; a view where one exists (e.g. a slice
-    of a fused sibling Linear's output keeps its wider row stride instead of being copied)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def row_outputs(x: torch.Tensor, kind: str, block: int):
-    """For a kernel with one program per token: (x as rows [R, K] (``as_rows``), q [R, K],
+    """For a kernel with one program per token: (x as rows [R, K] with unit stride, q [R, K],
     scale [R], the launch's BLOCK / ONE_PASS / num_warps). Callers reshape q and scale back to
     x's leading shape."""
     dtype, _ = check_kind(kind)
     k = x.shape[-1]
-    x2 = as_rows(x)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     q = torch.empty(x2.shape, device=x.device, dtype=dtype)
     scale = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
     block = min(block, triton.next_power_of_2(k))

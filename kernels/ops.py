@@ -14,7 +14,6 @@ from hsd.kernels import hadamard as _hadamard  # noqa: F401
 from hsd.kernels import registry
 from hsd.kernels import rmsnorm_quant as _rmsnorm_quant  # noqa: F401
 from hsd.kernels import scaled_mm as _scaled_mm  # noqa: F401
-from hsd.kernels import silu_mul_quant as _silu_mul_quant  # noqa: F401
 from hsd.kernels import w4a16 as _w4a16  # noqa: F401
 from hsd.kernels import w4a8 as _w4a8  # noqa: F401
 
@@ -113,14 +112,3 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) 
 def _(x, weight, eps, kind):
     dtype, _ = _act_quant.check_kind(kind)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("hsd::silu_mul_quant", mutates_args=())
-def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return registry.lookup("silu_mul_quant", gate.device.type)(gate, up, kind)
-
-
-@silu_mul_quant.register_fake
-def _(gate, up, kind):
-    dtype, _ = _act_quant.check_kind(kind)
-    return gate.new_empty(gate.shape, dtype=dtype), gate.new_empty(gate.shape[:-1], dtype=torch.float32)

@@ -27,9 +27,3 @@ def test_w4a8_linear_opcheck():
     xq, xscale = quantize_per_token_reference(torch.randn(2, 3, 64), "int4")
     args = (xq, xscale, qweight, scales.half(), zeros.half(), torch.randn(48).half(), 32)
     torch.library.opcheck(torch.ops.hsd.w4a8_linear.default, args)
-
-
-def test_silu_mul_quant_opcheck():
-    gate_up = torch.randn(2, 3, 128)
-    args = (gate_up[..., :64], gate_up[..., 64:], "int8")  # the halves of a fused gate_up output
-    torch.library.opcheck(torch.ops.hsd.silu_mul_quant.default, args)
