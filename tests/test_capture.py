@@ -45,3 +45,14 @@ def test_sliding_window_beyond_max_seq_len_is_refused():
     config.sliding_window = 16
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         hsd.compile(testing.tiny_model(config), max_seq_len=64)
+
+
+@pytest.mark.parametrize("root", ["L['self']", "L['args'][0]", "L['fn']"])
+def test_module_paths_drop_dynamo_root_names(root):
+    """Dynamo names the captured root by how it was passed, which changes across versions."""
+    from types import SimpleNamespace
+    from hsd.capture import _module_path
+    node = SimpleNamespace(meta={"nn_module_stack": {"a": (f"{root}.model.layers.3.mlp.down_proj", None)}})
+    assert _module_path(node) == "model.layers.3.mlp.down_proj"
+    node.meta["nn_module_stack"] = {"a": (f"{root}.lm_head", None)}
+    assert _module_path(node) == "lm_head"
