@@ -1,6 +1,6 @@
 """Per-token activation quantization at decode: hsd::quantize_per_token and hsd::rmsnorm_quant
 (kernels/act_quant.py, kernels/rmsnorm_quant.py) with the row read once into registers (the
-default up to ONE_PASS_MAX) vs walked in chunks (forced with block=CHUNK).
+default up to ONE_PASS_MAX) vs walked in chunks (forced with a block cap, PATHS["chunked"]).
 
     python benchmarks/bench_act_quant.py      (needs a CUDA GPU; writes $OUT/act_quant.json, default ./out)
 

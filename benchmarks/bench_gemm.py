@@ -33,7 +33,6 @@ EXTRA = {"llama3-8b-lm_head": [(128256, 4096)]}  # e.g. the EAGLE head's 4-bit d
 SHAPE_SETS = {**LAYERS, **EXTRA}
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP = 128
-HBM_TBS = 3.02  # device-to-device copy, TB/s, on an H100 (REFERENCE.md section 1); main() measures it
 TIMINGS = ("stream", "do_bench")
 TINYGEMM = hasattr(torch, "_weight_int4pack_mm")
 
@@ -183,7 +182,7 @@ def check_tinygemm():
     return rel_err(torch._weight_int4pack_mm(x, tg[0], GROUP, tg[1]), ref)
 
 
-def plot(results, path):
+def plot(results, path, copy_tbs_measured: float):
     """One panel per (model, timing): us per layer against M, log-log."""
     import matplotlib
     matplotlib.use("Agg")
@@ -196,7 +195,7 @@ def plot(results, path):
             for method, per_m in per_timing[timing].items():
                 ms = [m for m in MS if per_m[str(m)] is not None]
                 ax.plot(ms, [per_m[str(m)]["us"] for m in ms], marker="o", label=method)
-            floor = w4_bytes(SHAPE_SETS[model]) / HBM_TBS / 1e6
+            floor = w4_bytes(SHAPE_SETS[model]) / copy_tbs_measured / 1e6
             ax.axhline(floor, color="gray", ls="--", label=f"W4 g128 floor {floor:.0f} us")
             ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="layer linears, us",
                    title=f"{model}, one decoder layer, {timing} timing")
@@ -211,7 +210,6 @@ def w4_bytes(shapes):
 
 
 def main():
-    global HBM_TBS
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true", help="tune the config table for these shapes first")
     ap.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(SHAPE_SETS),
@@ -224,8 +222,8 @@ def main():
     if args.tune:
         shapes = [s for layer in models.values() for s in layer]
         print("tuned table:", w4a16.tune(shapes, path=out / tuning.path("w4a16", name).name), flush=True)
-    HBM_TBS = copy_tbs()
-    report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__, copy_tbs=HBM_TBS,
+    hbm_tbs = copy_tbs()  # the floor's bandwidth: 3.02 TB/s on an H100 (REFERENCE.md section 1)
+    report = dict(gpu=name, torch=torch.__version__, triton=triton.__version__, copy_tbs=hbm_tbs,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   group_size=GROUP, timing={"stream": "kernels/timing.bench_stream_us: per linear, distinct weight copies "
                                                 "(>= 4 L2 sizes) back to back in one CUDA graph, median replay / copies",
@@ -240,9 +238,9 @@ def main():
         report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"],
                                                report["per_linear_us"])
         (out / "bench_gemm.json").write_text(json.dumps(report, indent=1))
-    plot(report["results"], out / "bench_gemm.png")
+    plot(report["results"], out / "bench_gemm.png", hbm_tbs)
     print(f"\n{name}, us per layer (sum of 4 linears), W4 g128 floor: "
-          + ", ".join(f"{mo} {w4_bytes(sh) / HBM_TBS / 1e6:.0f} us" for mo, sh in models.items()))
+          + ", ".join(f"{mo} {w4_bytes(sh) / hbm_tbs / 1e6:.0f} us" for mo, sh in models.items()))
     for model, per_timing in report["results"].items():
         for timing, per_method in per_timing.items():
             print(f"{model + ' ' + timing:>24} | " + " ".join(f"{'M=' + str(m):>7}" for m in MS))

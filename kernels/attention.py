@@ -129,12 +129,16 @@ def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_m
 # programs past one wave). A second kernel merges the partial results through their log-sum-exps.
 
 @triton.jit
-def _chunking(len_ptr, b, S, N_SPLITS, BLOCK_N: tl.constexpr):
-    """(cache_len, prefix length read, chunk, index of the last split with work) of batch row b."""
+def _chunking(len_ptr, b, S, N_SPLITS, BLOCK_N: tl.constexpr, TREE_SPLIT: tl.constexpr):
+    """Batch row b's (cache_len, prefix length read, chunk, the split that attends to the new
+    tokens, partials per KV head). Shared by both kernels, so they agree on who wrote what."""
     cache_len = tl.load(len_ptr + b)
     n = tl.minimum(cache_len, S)
     chunk = tl.cdiv(tl.maximum(tl.cdiv(n, N_SPLITS), 1), BLOCK_N) * BLOCK_N
-    return cache_len, n, chunk, tl.maximum(tl.cdiv(n, chunk) - 1, 0)
+    tree, parts = tl.maximum(tl.cdiv(n, chunk) - 1, 0), N_SPLITS   # the last split with prefix work
+    if TREE_SPLIT:
+        tree, parts = N_SPLITS, N_SPLITS + 1
+    return cache_len, n, chunk, tree, parts
 
 
 @triton.jit
@@ -156,12 +160,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
     if PDL:  # launched while the previous kernel ends (kernels/pdl.py)
         pdl.wait()
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    cache_len, n, chunk, last = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N)
+    cache_len, n, chunk, tree_split, parts = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N, TREE_SPLIT)
     lo = split * chunk          # the tree split (N_SPLITS) starts past n: no prefix work
     hi = tl.minimum(lo + chunk, n)
-    parts, tree = N_SPLITS, split == last
-    if TREE_SPLIT:
-        parts, tree = N_SPLITS + 1, split == N_SPLITS
+    tree = split == tree_split
     if (lo < hi) | tree:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < ROWS
@@ -208,13 +210,10 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, S, ROWS, N_SPLITS
     # all partials of BLOCK_R rows x BLOCK_D columns in one [SPLITS, BLOCK_R, BLOCK_D] tile: one
     # round trip to memory, and (with the column split) enough programs to fill the GPU at decode
     pid_r, bh, pid_d = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    _, n, chunk, last = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N)
+    _, n, chunk, tree_split, parts = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N, TREE_SPLIT)
     split = tl.arange(0, SPLITS)[:, None]
     rows = tl.minimum(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), ROWS - 1)[None, :]   # pad: repeat the last
-    parts, tree = N_SPLITS, last
-    if TREE_SPLIT:
-        parts, tree = N_SPLITS + 1, N_SPLITS
-    used = (split * chunk < n) | (split == tree)      # what the split kernel wrote
+    used = (split * chunk < n) | (split == tree_split)      # what the split kernel wrote
     part_row = (bh * parts + split) * ROWS + rows                          # [SPLITS, BLOCK_R]
     lse = tl.load(lse_ptr + part_row, mask=used, other=float("-inf"))
     m = tl.max(lse, 0)

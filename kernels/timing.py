@@ -61,7 +61,8 @@ def bench_stream_us(fns, reps: int = 20) -> float:
 
 def copy_tbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in TB/s (bytes read + written), the ceiling that the
-    bandwidth targets are stated against (3.0 TB/s on an H100; more on an H200)."""
+    bandwidth targets are stated against (3.0 TB/s on an H100, 2.76 on the H200 lent on
+    2026-11-30, where cuBLAS nonetheless reads weights at 3.7-4.1 TB/s)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * nbytes / replay_us(graphed(lambda: dst.copy_(src)), reps=10) / 1e6
