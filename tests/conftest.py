@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports a @triton.jit kernel
 
+import hsd  # noqa: E402,F401  (first: it takes the checkout root off sys.path, see hsd/__init__.py)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
