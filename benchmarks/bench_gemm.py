@@ -99,7 +99,7 @@ def tinygemm_weights(qweight, scales):
 
 def _bytes(method, n, k):
     """Weight bytes one linear of ``method`` reads (what its GB/s is computed from)."""
-    if method in ("w4a16_g128", "w4a8_g128", "w4a4_g128", "tinygemm_g128"):
+    if method in ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a4_g128", "tinygemm_g128"):
         return n * k // 2 + n * k // GROUP * 2
     if method in ("w8a8", "fp8", "int8_mm_anchor", "fp8_scaled_mm_anchor"):
         return n * k + n * 2
@@ -112,9 +112,11 @@ def _cases(n, k):
     def x(m, dtype=torch.float16):
         return torch.randn(m, k, device="cuda", dtype=dtype)
 
-    def w4a16_case(m):
+    def w4a16_case(m, dot_order=True):
+        """dot_order: x as hsd's lowering feeds it (the permutation folds into x's producer)."""
         qw, s, _ = random_w4(n, k)
-        return functools.partial(w4a16.w4a16_linear_triton, x(m), qw, s, None, None, GROUP)
+        xm = w4a16.dot_order(x(m)) if dot_order else x(m)
+        return functools.partial(w4a16.w4a16_linear_triton, xm, qw, s, None, None, GROUP, x_dot_order=dot_order)
 
     def tinygemm_case(m):
         tg = tinygemm_weights(*random_w4(n, k)[:2])
@@ -122,6 +124,7 @@ def _cases(n, k):
 
     return {
         "w4a16_g128": w4a16_case,
+        "w4a16_g128_natural_x": functools.partial(w4a16_case, dot_order=False),
         "w4a8_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int8"),
         "w4a4_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int4"),
         "w8a8": lambda m: scaled_mm.bench_linear(m, n, k, "int8"),
@@ -231,7 +234,7 @@ def main():
                                                   "triton.testing.do_bench median, L2 cleared (written) before each"},
                   correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
                   w4a16_configs={}, per_linear_us={})
-    methods = ("w4a16_g128", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16", "tinygemm_g128",
+    methods = ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16", "tinygemm_g128",
                "int8_mm_anchor", "fp8_scaled_mm_anchor")
     for model, shapes in models.items():
         print(model, flush=True)

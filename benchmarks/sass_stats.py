@@ -41,13 +41,13 @@ def compile_kernel(fn, pointers: dict, consts: dict, cfg: dict, arch: int):
                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
 
 
-def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096, even=True, asm=True):
+def compile_config(cfg, arch: int, dtype="fp16", group=128, k=4096, even=True, asm=True, dot_order=False):
     kernel = w4a16._KERNELS[cfg["KERNEL"]]
     ptrs = dict(x_ptr=dtype, qw_ptr="i32", s_ptr=dtype, z_ptr=dtype, b_ptr=dtype, y_ptr=dtype)
     consts = dict(G=group, HAS_ZEROS=False, HAS_BIAS=False, ATOMIC=cfg["SPLIT_K"] > 1,
                   SCALE_PER_TILE=group % cfg["BLOCK_K"] == 0 or group == k, EVEN=even,
                   ASM=asm and dtype != "fp32",
-                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], X_DOT_ORDER=dot_order)
     if cfg["KERNEL"] == "mma":
         consts.update(PRECISION="tf32", WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", cfg["BLOCK_M"] >= 64),
                       BLOCK_M=cfg["BLOCK_M"])
@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 128])
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--dot-order", action="store_true", help="activations in w4a16.dot_order")
     args = ap.parse_args()
     seen = set()
     print(f"{'config':<44} {'regs':>4} {'stack':>5} {'smem':>6} {'loop':>5} {'/w':>5} " + " ".join(f"{o:>6}" for o in SHOWN))
@@ -93,7 +94,7 @@ def main():
             if key in seen:
                 continue
             seen.add(key)
-            compiled = compile_config(cfg, args.arch, k=args.k)
+            compiled = compile_config(cfg, args.arch, k=args.k, dot_order=args.dot_order)
             regs, stack, ops, loop = sass_stats(compiled)
             per_weight = loop * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_K"])
             name = (f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "

@@ -21,12 +21,14 @@ from hsd.kernels import w4a8 as _w4a8  # noqa: F401
 @torch.library.custom_op("hsd::w4a16_linear", mutates_args=())
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                 group_size: int) -> torch.Tensor:
-    return registry.lookup("w4a16_linear", x.device.type)(x, qweight, scales, zeros, bias, group_size)
+                 group_size: int, x_dot_order: bool = False) -> torch.Tensor:
+    """x_dot_order: x's columns are in ``hsd.kernels.w4a16.dot_order`` (set by lowering)."""
+    return registry.lookup("w4a16_linear", x.device.type)(x, qweight, scales, zeros, bias, group_size,
+                                                           x_dot_order=x_dot_order)
 
 
 @w4a16_linear.register_fake
-def _(x, qweight, scales, zeros, bias, group_size):
+def _(x, qweight, scales, zeros, bias, group_size, x_dot_order=False):
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 

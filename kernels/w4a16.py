@@ -108,8 +108,28 @@ def dequantize(qweight, scales, zeros, group_size: int) -> torch.Tensor:
     return ((q - z) * scales.repeat_interleave(group_size, 0)).t()
 
 
+DOT_BLOCK = 128  # dot order permutes K within blocks of this many columns
+
+
+def dot_order(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (K a multiple of 128) with its columns in the order the kernels' 4 dots read
+    them: within each block of 128, column 32 j + 2 r + a holds k = 8 r + 4 a + j (nibble
+    j + 4 a of word r, see ``_nibbles``). Each dot's activations are then one contiguous slice,
+    loaded straight into the tensor-core operand instead of split in registers and written back
+    to shared memory (benchmarks/results/README.md). Plain torch ops: ``hsd.lowering`` puts this
+    in front of the op, where inductor folds it into the kernel that produces x."""
+    return x.unflatten(-1, (-1, 16, 2, 4)).movedim(-1, -3).flatten(-4)
+
+
+def natural_order(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``dot_order``."""
+    return x.unflatten(-1, (-1, 4, 16, 2)).movedim(-3, -1).flatten(-4)
+
+
 @registry.register("w4a16_linear", "cpu", "reference")
-def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int):
+def w4a16_linear_reference(x, qweight, scales, zeros, bias, group_size: int, x_dot_order: bool = False):
+    if x_dot_order:
+        x = natural_order(x)
     w = dequantize(qweight, scales, zeros, group_size).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -224,6 +244,21 @@ def _split4(x):
 
 
 @triton.jit
+def _dot_order_base(t, BLOCK_K: tl.constexpr):
+    """Where tile t's first column (nibble 0 of its first word) sits in dot order: its 128-block's
+    start plus 2 per word of the block before the tile (BLOCK_K 64 or 128: a tile never crosses a
+    block). Written from t, not from k0 % 128: with the latter Triton 3.6 cannot tell that the
+    slice is 16-element aligned and loads x 4 bytes at a time, in 127 registers instead of 96
+    (benchmarks/sass_stats.py; that form measured slower than _split4 on an H200)."""
+    tiles: tl.constexpr = 128 // BLOCK_K
+    if tiles == 1:
+        base = t * 128
+    else:
+        base = (t // tiles) * 128 + (t % tiles) * (BLOCK_K // 4)
+    return base
+
+
+@triton.jit
 def _interleave_rows(lo, hi):
     """[R, N], [R, N] -> [2 R, N] with row 2 r + a from lo (a = 0) or hi (a = 1)."""
     both = tl.permute(tl.join(lo, hi), (0, 2, 1))
@@ -246,7 +281,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
                       HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
                       EVEN: tl.constexpr, ASM: tl.constexpr,
                       PRECISION: tl.constexpr, WEIGHTS_AS_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT_ORDER: tl.constexpr):
     """Tensor cores: per tile of [BLOCK_K // 8, BLOCK_N] words, 4 dots with K = BLOCK_K // 4,
     dot i over the k = 8 r + i and 8 r + i + 4. The unpacked weights stay in registers.
 
@@ -262,9 +297,18 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
         k0 = t * BLOCK_K
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, EVEN, dtype)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xs = _split4(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                             mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
+        if X_DOT_ORDER:  # see dot_order: dot i reads one contiguous slice (K % 128 == 0)
+            xs = ()
+            for i in tl.static_range(4):
+                offs_k = _dot_order_base(t, BLOCK_K) + 32 * i + tl.arange(0, BLOCK_K // 4)
+                # as x.T [BLOCK_K // 4, BLOCK_M] (K-major), the B operand's layout in memory
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                             mask=(offs_m < M)[None, :], other=0.0)
+                xs += (tl.trans(xt),)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xs = _split4(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                                 mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0))
         if SCALE_PER_TILE:
             part = tl.zeros(acc_shape, dtype=tl.float32)
             for i in tl.static_range(4):
@@ -285,8 +329,8 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                        tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, ATOMIC: tl.constexpr,
-                      EVEN: tl.constexpr, ASM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       EVEN: tl.constexpr, ASM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT_ORDER: tl.constexpr):
     """CUDA cores, one row of x per program: one fp32 FMA per weight, no tensor-core operand
     layouts. Sums over k stay per thread ([BLOCK_K // 8, BLOCK_N]) until the end."""
     dtype = x_ptr.dtype.element_ty
@@ -301,15 +345,18 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
         # (q - zero) in the 16-bit activation dtype is exact and takes half the integer ops
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, EVEN, dtype)
-        x_ptrs = x_ptr + m * stride_xm + k0 + 8 * offs_r
         x_mask = k0 + 8 * offs_r < K
+        if X_DOT_ORDER:  # nibble i of word r at 32 i + 2 r, nibble i + 4 right after it
+            x_ptrs, x_step, x_next = x_ptr + m * stride_xm + _dot_order_base(t, BLOCK_K) + 2 * offs_r, 32, 1
+        else:
+            x_ptrs, x_step, x_next = x_ptr + m * stride_xm + k0 + 8 * offs_r, 1, 4
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         for i in tl.static_range(4):
             w_lo, w_hi = _nibbles(q, i, zero, ASM)
             if not SCALE_PER_TILE:
                 w_lo, w_hi = w_lo * scale, w_hi * scale
-            x_lo = tl.load(x_ptrs + i, mask=x_mask, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptrs + i + 4, mask=x_mask, other=0.0).to(tl.float32)
+            x_lo = tl.load(x_ptrs + i * x_step, mask=x_mask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptrs + i * x_step + x_next, mask=x_mask, other=0.0).to(tl.float32)
             part += w_lo.to(tl.float32) * x_lo[:, None] + w_hi.to(tl.float32) * x_hi[:, None]
         acc += part * scale if SCALE_PER_TILE else part
     _write(y_ptr, b_ptr, tl.sum(acc, axis=0)[None, :], offs_m, offs_n, M, N, stride_ym, HAS_BIAS,
@@ -374,12 +421,15 @@ def _check(x, qweight, scales, zeros, bias, group_size):
 
 @registry.register("w4a16_linear", "cuda", "triton")
 @registry.register("w4a16_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None):
+def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config=None,
+                        x_dot_order: bool = False):
     """config: dict(KERNEL ("mma" or "gemv"), BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
     num_stages, optional WEIGHTS_AS_A (mma only; default BLOCK_M >= 64)); default: the tuned
-    table for this GPU, else ``default_config``."""
+    table for this GPU, else ``default_config``. x_dot_order: x's columns are in ``dot_order``."""
     _check(x, qweight, scales, zeros, bias, group_size)
     k, n = x.shape[-1], scales.shape[1]
+    if x_dot_order and k % DOT_BLOCK:
+        raise ValueError(f"w4a16: activations in dot order need in_features % {DOT_BLOCK} == 0, got {k}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -392,6 +442,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
         assert block_m == 1 and block_k >= 8, cfg
     else:  # tl.dot needs every dim >= 16 on the GPU (the interpreter would accept less)
         assert min(block_m, block_n, block_k // 4) >= 16, cfg
+    assert not x_dot_order or block_k in (64, 128), cfg  # a tile within one dot-order block
     grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, split, x.device, x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
@@ -399,7 +450,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
                   SCALE_PER_TILE=group_size % block_k == 0 or group_size == k, ATOMIC=grid[2] > 1,
                   EVEN=n % block_n == 0 and k % block_k == 0,
                   ASM=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16),
-                  BLOCK_N=block_n, BLOCK_K=block_k)
+                  BLOCK_N=block_n, BLOCK_K=block_k, X_DOT_ORDER=x_dot_order)
     if kernel is _w4a16_mma_kernel:
         consts.update(PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32
                       WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), BLOCK_M=block_m)
@@ -443,12 +494,14 @@ def tune(shapes, m_buckets=tuning.M_BUCKETS, group_size: int = 128, dtype=torch.
          reps: int = 10, budget_s: float = float("inf"), verbose: bool = True,
          device="cuda") -> pathlib.Path:
     """``tuning.tune`` of ``candidate_configs`` for each (N, K) in ``shapes`` and M bucket on this
-    GPU (RTN weights of random [N, K] ``dtype`` matrices); writes ``configs/w4a16_<gpu>.json``
-    unless ``path`` is given, and updates the live table."""
+    GPU (RTN weights of random [N, K] ``dtype`` matrices), x in dot order where hsd's lowering
+    puts it there (K % 128 == 0); writes ``configs/w4a16_<gpu>.json`` unless ``path`` is given,
+    and updates the live table."""
     return tuning.tune(
         "w4a16", _TABLES, shapes, m_buckets, candidate_configs,
         weights=lambda n, k: quantize_rtn(torch.randn(n, k, device=device, dtype=dtype), group_size),
         inputs=lambda m, k: torch.randn(m, k, device=device, dtype=dtype),
-        launch=lambda x, w, cfg: w4a16_linear_triton(x, *w, None, group_size, cfg),
+        launch=lambda x, w, cfg: w4a16_linear_triton(x, *w, None, group_size, cfg,
+                                                     x_dot_order=x.shape[-1] % DOT_BLOCK == 0),
         out=path, reps=reps, budget_s=budget_s, verbose=verbose, device=device,
         meta=dict(group_size=group_size, dtype=str(dtype)))

@@ -5,11 +5,14 @@ references elsewhere (``hsd.kernels.registry``); lowering compiles the rest of t
   "inductor"  torch inductor (``compile_fx``), then the step is captured in a CUDA graph on CUDA
   "aot_eager" AOT autograd + functionalization without code generation (tests the same path cheaply)
   "eager"     the fx graph's own Python code (CPU default: no compile time)
+On CUDA the W4A16 GEMMs first get their activations in the order their kernel reads them
+(``hsd.lowering.dot_order``).
 """
 import torch
 import torch.fx
 
 from hsd.lowering.cuda_graphs import GraphedStep
+from hsd.lowering.dot_order import w4a16_dot_order
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -28,6 +31,8 @@ def lower(gm: torch.fx.GraphModule, inputs: dict, backend: str, cuda_graph: bool
         raise ValueError(f"step graph inputs {names} do not match the step's inputs {list(inputs)}")
     inputs = {name: inputs[name] for name in names}
     example = list(inputs.values())
+    if any(t.is_cuda for t in example):   # the Triton kernels' input layouts
+        w4a16_dot_order(gm)
     if backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
         fn = compile_fx(gm, example)

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from hsd.kernels import registry, timing, tuning, w4a16
-from hsd.kernels.w4a16 import (dequantize, pack, quantize_rtn, unpack, w4a16_linear_reference,
-                               w4a16_linear_triton)
+from hsd.kernels.w4a16 import (dequantize, dot_order, natural_order, pack, quantize_rtn, unpack,
+                               w4a16_linear_reference, w4a16_linear_triton)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float16: 3e-3, torch.float32: 2e-5}
@@ -36,11 +36,12 @@ def make_case(m, n, k, group, symmetric, dtype, bias=False, seed=0, w_scale=1.0,
     return x, qw, s.to(dtype), None if z is None else z.to(dtype), b
 
 
-def check(x, qw, s, z, b, group, config):
-    """The kernel against the reference evaluated in fp32 from the same (rounded) inputs."""
+def check(x, qw, s, z, b, group, config, x_dot_order=False):
+    """The kernel against the reference evaluated in fp32 from the same (rounded) inputs; with
+    ``x_dot_order`` the kernel gets x in dot order (the reference still the natural x)."""
     up = lambda t: None if t is None else t.float()  # noqa: E731
     ref = w4a16_linear_reference(x.float(), qw, s.float(), up(z), up(b), group)
-    y = w4a16_linear_triton(x, qw, s, z, b, group, config)
+    y = w4a16_linear_triton(dot_order(x) if x_dot_order else x, qw, s, z, b, group, config, x_dot_order)
     assert y.dtype == x.dtype and y.shape == ref.shape
     err = (y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)
     assert err < TOL[x.dtype], (err.item(), config)
@@ -63,6 +64,21 @@ def test_pack_layout_is_gptq():
     words = pack(q)[:, 0].tolist()
     assert words == [0x01234567, 0x76543210]
     assert pack(torch.full((8, 1), 15))[0, 0].item() == -1  # all bits set, as int32
+
+
+def test_dot_order():
+    """Column 32 j + 2 r + a of a 128-block holds k = 8 r + 4 a + j; natural_order inverts it."""
+    x = torch.arange(256.0).repeat(3, 1)
+    d = dot_order(x)
+    for j, r, a in ((0, 0, 0), (1, 0, 0), (0, 0, 1), (3, 15, 1), (2, 7, 0)):
+        assert d[0, 32 * j + 2 * r + a] == 8 * r + 4 * a + j
+        assert d[2, 128 + 32 * j + 2 * r + a] == 128 + 8 * r + 4 * a + j
+    assert torch.equal(natural_order(d), x)
+    weights = quantize_rtn(torch.randn(8, 256), 128)
+    torch.testing.assert_close(w4a16_linear_reference(d, *weights, None, 128, x_dot_order=True),
+                               w4a16_linear_reference(x, *weights, None, 128))
+    with pytest.raises(ValueError, match="dot order"):
+        w4a16_linear_triton(torch.randn(2, 64), *quantize_rtn(torch.randn(8, 64), 32), None, 32, x_dot_order=True)
 
 
 @pytest.mark.parametrize("group, symmetric, lo, hi", [
@@ -92,26 +108,28 @@ def test_rtn_all_equal_and_zero_groups():
 @given(m=st.integers(1, 80), n_blocks=st.integers(1, 3), k_tiles=st.integers(1, 3),
        group=st.sampled_from([32, 64, 128, "K"]), symmetric=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.float32]), split=st.sampled_from([1, 2, 3]),
-       block_k=st.sampled_from([64, 128]), weights_as_a=st.booleans(), seed=st.integers(0, 2**16))
+       block_k=st.sampled_from([64, 128]), weights_as_a=st.booleans(), x_dot_order=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_mma_matches_reference(m, n_blocks, k_tiles, group, symmetric, bias, dtype, split, block_k,
-                               weights_as_a, seed):
+                               weights_as_a, x_dot_order, seed):
     n, k = 64 * n_blocks, 128 * k_tiles
     group = k if group == "K" else group
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     case = make_case(m, n, k, group, symmetric, dtype, bias, seed)
-    check(*case, group, mma(block_m, split, block_k=block_k, WEIGHTS_AS_A=weights_as_a))
+    check(*case, group, mma(block_m, split, block_k=block_k, WEIGHTS_AS_A=weights_as_a), x_dot_order)
 
 
 @settings(deadline=None, max_examples=20)
 @given(m=st.integers(1, 4), n_blocks=st.integers(1, 2), k_groups=st.integers(1, 2),
        group=st.sampled_from([32, 64, 128, "K"]), symmetric=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.float32]), split=st.sampled_from([1, 2, 3]),
-       seed=st.integers(0, 2**16))
-def test_gemv_matches_reference(m, n_blocks, k_groups, group, symmetric, bias, dtype, split, seed):
+       x_dot_order=st.booleans(), seed=st.integers(0, 2**16))
+def test_gemv_matches_reference(m, n_blocks, k_groups, group, symmetric, bias, dtype, split, x_dot_order,
+                                seed):
     n, k = 64 * n_blocks, 128 * k_groups  # 64-wide tiles: 2 per group of 128
     group = k if group == "K" else group
     case = make_case(m, n, k, group, symmetric, dtype, bias, seed)
-    check(*case, group, gemv(split))
+    check(*case, group, gemv(split), x_dot_order)
 
 
 @pytest.mark.parametrize("config", [mma(64, WEIGHTS_AS_A=False), mma(64, WEIGHTS_AS_A=True),
@@ -202,9 +220,9 @@ def test_tune_picks_the_fastest_and_updates_the_table(tmp_path, monkeypatch):
     """tune() logic on the interpreter, with a fake clock that favours one config."""
     launched = []
 
-    def launch(*args):
+    def launch(*args, **kwargs):
         launched.append(args[-1])
-        return w4a16_linear_triton(*args)
+        return w4a16_linear_triton(*args, **kwargs)
 
     def fake_bench(fns, reps):
         for fn in fns:
@@ -256,13 +274,26 @@ def test_bad_inputs_raise_before_launch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 16, 64])
-def test_gpu_default_configs(dtype, m):
+@pytest.mark.parametrize("x_dot_order", [False, True])
+def test_gpu_default_configs(dtype, m, x_dot_order):
     x, qw, s, z, b = (None if t is None else t.cuda()
                       for t in make_case(m, 4096, 4096, 128, False, dtype, bias=True))
     up = lambda t: t.float()  # noqa: E731
     ref = w4a16_linear_reference(up(x), qw, up(s), up(z), up(b), 128)
-    y = w4a16_linear_triton(x, qw, s, z, b, 128)
+    y = w4a16_linear_triton(dot_order(x) if x_dot_order else x, qw, s, z, b, 128, x_dot_order=x_dot_order)
     assert ((y.float() - ref).norm() / ref.norm()) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64])
+def test_gpu_every_candidate_tile_in_dot_order(m):
+    """Every tile the tuner may pick, compiled, with x in dot order (split 2, one per tile)."""
+    x, qw, s, z, b = (None if t is None else t.cuda()
+                      for t in make_case(m, 512, 1024, 128, False, torch.float16, bias=True))
+    tiles = {tuple(sorted({**c, "SPLIT_K": 2}.items())) for c in w4a16.candidate_configs(m, 512, 1024)}
+    for tile in sorted(tiles):
+        check(x, qw, s, z, b, 128, dict(tile), x_dot_order=True)
 
 
 @gpu

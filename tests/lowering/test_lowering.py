@@ -4,6 +4,8 @@ import torch
 
 import hsd
 from hsd import testing
+from hsd.kernels import ops, registry, w4a16  # noqa: F401  (ops registers torch.ops.hsd.*)
+from hsd.lowering.dot_order import w4a16_dot_order
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -46,3 +48,31 @@ def test_cuda_graphed_tree_step_keeps_the_causal_mask(tmp_path):
                          spec_config=Eagle2Config(depth=3, top_k=4, total_tokens=16))
     for _ in range(2):
         assert engine.generate(ids, max_new_tokens=24).tolist() == expected.tolist()
+
+
+def _one_w4a16_graph(n: int, k: int, group: int) -> torch.fx.GraphModule:
+    root = torch.nn.Module()
+    qweight, scales, zeros = w4a16.quantize_rtn(torch.randn(n, k), group, symmetric=False)
+    root.register_buffer("qweight", qweight)
+    root.register_buffer("scales", scales)
+    root.register_buffer("zeros", zeros)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    attrs = [graph.get_attr(name) for name in ("qweight", "scales", "zeros")]
+    graph.output(graph.call_function(torch.ops.hsd.w4a16_linear.default, (x, *attrs, None, group)))
+    return torch.fx.GraphModule(root, graph)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_w4a16_dot_order_rewrite(impl):
+    """The lowering rewrite feeds the op dot-ordered activations (K a multiple of 128 only) and
+    the step computes what it did before, through the Triton kernel (interpreter) or the reference."""
+    x = torch.randn(3, 5, 256)
+    gm = _one_w4a16_graph(64, 256, 32)
+    with registry.use("w4a16_linear", impl):
+        want = gm(x)
+        assert w4a16_dot_order(gm) == 1 and w4a16_dot_order(gm) == 0     # once only
+        torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
+    op = next(n for n in gm.graph.nodes if n.target is torch.ops.hsd.w4a16_linear.default)
+    assert op.args[-1] is True and op.args[0].target is w4a16.dot_order
+    assert w4a16_dot_order(_one_w4a16_graph(64, 96, 32)) == 0            # K = 96: left as is
