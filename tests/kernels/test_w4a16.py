@@ -132,6 +132,14 @@ def test_gemv_matches_reference(m, n_blocks, k_groups, group, symmetric, bias, d
     check(*case, group, gemv(split), x_dot_order)
 
 
+@pytest.mark.parametrize("config", [mma(16, 2, block_k=64), mma(16, 2, block_k=128, WEIGHTS_AS_A=True),
+                                    gemv(2, block_k=64), gemv(2, block_k=128)])
+def test_dot_order_at_every_tile_start(config):
+    """Both tile lengths and kernels, over K = 3 dot-order blocks split across programs: every
+    tile finds its x slice (the start is computed from the tile index, ``_dot_order_base``)."""
+    check(*make_case(3, 64, 384, 128, True, torch.float32, bias=True, seed=5), 128, config, True)
+
+
 @pytest.mark.parametrize("config", [mma(64, WEIGHTS_AS_A=False), mma(64, WEIGHTS_AS_A=True),
                                     mma(16, split=2), gemv(split=2)], ids=str)
 @pytest.mark.parametrize("group, symmetric", [(128, True), (64, False), (256, False)])
