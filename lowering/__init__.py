@@ -6,8 +6,10 @@ references elsewhere (``hsd.kernels.registry``); lowering compiles the rest of t
   "aot_eager" AOT autograd + functionalization without code generation (tests the same path cheaply)
   "eager"     the fx graph's own Python code (CPU default: no compile time)
 On CUDA the W4A16 GEMMs first get their activations in the order their kernel reads them
-(``hsd.lowering.dot_order``).
+(``hsd.lowering.dot_order``; HSD_DOT_ORDER=0: off).
 """
+import os
+
 import torch
 import torch.fx
 
@@ -31,7 +33,7 @@ def lower(gm: torch.fx.GraphModule, inputs: dict, backend: str, cuda_graph: bool
         raise ValueError(f"step graph inputs {names} do not match the step's inputs {list(inputs)}")
     inputs = {name: inputs[name] for name in names}
     example = list(inputs.values())
-    if any(t.is_cuda for t in example):   # the Triton kernels' input layouts
+    if any(t.is_cuda for t in example) and os.environ.get("HSD_DOT_ORDER", "1") != "0":
         w4a16_dot_order(gm)
     if backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
