@@ -116,7 +116,8 @@ def _cases(n, k):
         """dot_order: x as hsd's lowering feeds it (the permutation folds into x's producer)."""
         qw, s, _ = random_w4(n, k)
         xm = w4a16.dot_order(x(m)) if dot_order else x(m)
-        return functools.partial(w4a16.w4a16_linear_triton, xm, qw, s, None, None, GROUP, x_dot_order=dot_order)
+        return functools.partial(w4a16.w4a16_linear_triton, xm, qw, s, None, None, GROUP,
+                                 x_dot_order=dot_order)
 
     def tinygemm_case(m):
         tg = tinygemm_weights(*random_w4(n, k)[:2])
@@ -234,8 +235,8 @@ def main():
                                                   "triton.testing.do_bench median, L2 cleared (written) before each"},
                   correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
                   w4a16_configs={}, per_linear_us={})
-    methods = ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16", "tinygemm_g128",
-               "int8_mm_anchor", "fp8_scaled_mm_anchor")
+    methods = ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16",
+               "tinygemm_g128", "int8_mm_anchor", "fp8_scaled_mm_anchor")
     for model, shapes in models.items():
         print(model, flush=True)
         report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"],

@@ -18,7 +18,9 @@ MMA, is the cost to watch: integer ops run at half the fp32 rate. So:
     activations one shift and one mask unpack two of them (k = 8 r + i and 8 r + i + 4).
   * Those two become adjacent k rows of one dot operand, with the activations split to match
     (``_split4``): the order of k inside a dot is free, and this pairing is the one the MMA
-    operand registers want, so the unpacked weights are neither reshaped nor repacked.
+    operand registers want, so the unpacked weights are neither reshaped nor repacked. On CUDA
+    hsd's lowering hands the kernel x already in that order (``dot_order``, X_DOT_ORDER): each
+    dot then loads one contiguous slice of x instead of splitting a tile in registers.
   * Small M splits K over several programs (SPLIT_K) that add into the output atomically, so
     even N = 4096 fills every SM; one [BLOCK_K, BLOCK_N] weight tile serves all BLOCK_M rows.
   * On the GPU, 16-bit activations unpack through inline PTX (``_halves_asm``) and tiles that
@@ -298,9 +300,9 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
         q, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, SCALE_PER_TILE, BLOCK_K, EVEN, dtype)
         if X_DOT_ORDER:  # see dot_order: dot i reads one contiguous slice (K % 128 == 0)
-            xs = ()
+            xs, base = (), _dot_order_base(t, BLOCK_K)
             for i in tl.static_range(4):
-                offs_k = _dot_order_base(t, BLOCK_K) + 32 * i + tl.arange(0, BLOCK_K // 4)
+                offs_k = base + 32 * i + tl.arange(0, BLOCK_K // 4)
                 # as x.T [BLOCK_K // 4, BLOCK_M] (K-major), the B operand's layout in memory
                 xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                              mask=(offs_m < M)[None, :], other=0.0)
