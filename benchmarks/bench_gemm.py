@@ -99,7 +99,8 @@ def tinygemm_weights(qweight, scales):
 
 def _bytes(method, n, k):
     """Weight bytes one linear of ``method`` reads (what its GB/s is computed from)."""
-    if method in ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a4_g128", "tinygemm_g128"):
+    if method in ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a8_g128_natural_x", "w4a4_g128",
+                  "tinygemm_g128"):
         return n * k // 2 + n * k // GROUP * 2
     if method in ("w8a8", "fp8", "int8_mm_anchor", "fp8_scaled_mm_anchor"):
         return n * k + n * 2
@@ -127,6 +128,7 @@ def _cases(n, k):
         "w4a16_g128": w4a16_case,
         "w4a16_g128_natural_x": functools.partial(w4a16_case, dot_order=False),
         "w4a8_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int8"),
+        "w4a8_g128_natural_x": lambda m: w4a8.benchmark(m, n, k, GROUP, "int8", dot_order=False),
         "w4a4_g128": lambda m: w4a8.benchmark(m, n, k, GROUP, "int4"),
         "w8a8": lambda m: scaled_mm.bench_linear(m, n, k, "int8"),
         "fp8": lambda m: scaled_mm.bench_linear(m, n, k, "fp8"),
@@ -235,8 +237,8 @@ def main():
                                                   "triton.testing.do_bench median, L2 cleared (written) before each"},
                   correctness=check_correctness(), tinygemm_rel_err=check_tinygemm(), results={},
                   w4a16_configs={}, per_linear_us={})
-    methods = ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a4_g128", "w8a8", "fp8", "cublas_fp16",
-               "tinygemm_g128", "int8_mm_anchor", "fp8_scaled_mm_anchor")
+    methods = ("w4a16_g128", "w4a16_g128_natural_x", "w4a8_g128", "w4a8_g128_natural_x", "w4a4_g128", "w8a8",
+               "fp8", "cublas_fp16", "tinygemm_g128", "int8_mm_anchor", "fp8_scaled_mm_anchor")
     for model, shapes in models.items():
         print(model, flush=True)
         report["results"][model] = bench_model(shapes, methods, report["w4a16_configs"],

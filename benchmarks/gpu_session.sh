@@ -2,7 +2,7 @@
 # Device runs of everything GPU-side, each part under its own time limit so a slow part cannot
 # starve the rest. From the repository root:
 #     bash benchmarks/gpu_session.sh [part ...]     parts: tests tune-w4a16 tune-w4a8 gemm scaled attention smoke spec decode
-# (default: tests scaled gemm smoke spec). $OUT gets session.log (all output) and each
+# (default: tests scaled gemm smoke spec; TESTS="tests/x.py ..." narrows the GPU tests). $OUT gets session.log (all output) and each
 # benchmark's JSON / PNG (8 files at most come back).
 set -u
 # only hsd on the path: a top-level "kernels" folder would pass for the PyPI package of that
@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for part in ${@:-tests scaled gemm smoke spec}; do
   echo "=== $part $(date -u +%T)"
   case $part in
-    tests) timeout ${TESTS_S:-400} python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tail -30 ;;
+    tests) timeout ${TESTS_S:-400} python -m pytest -q -m gpu ${TESTS:-tests} -p no:cacheprovider -rf 2>&1 | tail -30 ;;
     tune-w4a16|tune-w4a8)  # the table for the 8B and 70B layers (stream timing), merged into the shipped one
       kernel=${part#tune-}
       cp kernels/configs/${kernel}_h100.json $OUT/

@@ -7,6 +7,9 @@ Kinds (symmetric, one fp32 scale per token, scale = max|x| / top):
   "fp8"   q float8_e4m3fn, |q| <= 448
 The GEMMs of the W8A8 / W4A8 / W4A4 / FP8 schemes take (q, scale) and apply the scale in their
 epilogue. This file holds the torch reference and a Triton kernel (one program per token).
+``dot_order=True`` writes q's columns in the order the W4A8 kernel reads them
+(``hsd.kernels.w4a8.dot_order``; set by hsd's lowering): a permuted store, free here, that
+saves the GEMM splitting every tile in registers.
 The kernel reproduces the reference bit for bit: IEEE division (``div_rn``, not the fast
 approximate one) and round-half-to-even, as torch.round does. (The interpreter's fp32 -> e4m3
 cast is wrong for some values, so the fp8 kind is checked against the reference on a GPU only.)
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsd.kernels import registry
+from hsd.kernels import registry, w4a8
 
 KINDS = {"int8": (torch.int8, 127.0), "int4": (torch.int8, 7.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
@@ -26,15 +29,22 @@ def check_kind(kind: str):
     return KINDS[kind]
 
 
+def check_dot_order(k: int, dot_order: bool, what: str):
+    if dot_order and k % w4a8.DOT_BLOCK:
+        raise ValueError(f"{what}: dot order needs a row length divisible by {w4a8.DOT_BLOCK}, got {k}")
+
+
 @registry.register("quantize_per_token", "cpu", "reference")
-def quantize_per_token_reference(x: torch.Tensor, kind: str):
+def quantize_per_token_reference(x: torch.Tensor, kind: str, dot_order: bool = False):
     dtype, top = check_kind(kind)
+    check_dot_order(x.shape[-1], dot_order, "quantize_per_token")
     amax = x.float().abs().amax(-1).clamp(min=1e-8)
     scale = amax / torch.full_like(amax, top)  # on CUDA, "/ top" would multiply by 1 / top
     q = x.float() / scale[..., None]
     if dtype == torch.int8:
         q = torch.round(q).clamp(-top, top)
-    return q.to(dtype), scale
+    q = q.to(dtype)
+    return w4a8.dot_order(q) if dot_order else q, scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -57,6 +67,14 @@ def quantize_block(v, scale, TOP: tl.constexpr, IS_INT: tl.constexpr):
 
 
 @triton.jit
+def q_column(offs, DOT_ORDER: tl.constexpr):
+    """Where column offs of a row of q is stored: in place, or in ``w4a8.dot_order``."""
+    if DOT_ORDER:
+        offs = (offs // 128) * 128 + (offs % 2) * 64 + (offs % 128) // 2
+    return offs
+
+
+@triton.jit
 def row_scale(amax, TOP: tl.constexpr):
     """The token's scale from a block of running |x| maxima, rounded like the reference."""
     return tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-8), TOP)
@@ -64,7 +82,8 @@ def row_scale(amax, TOP: tl.constexpr):
 
 @triton.jit
 def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, TOP: tl.constexpr,
-                               IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                               IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                               DOT_ORDER: tl.constexpr):
     """Row program_id(0). ONE_PASS (the row fits one BLOCK): one read, the row held in registers.
     Else absmax over K in BLOCK chunks, then quantize the chunks (the second read hits L1/L2)."""
     row = tl.program_id(0)
@@ -74,7 +93,7 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, TOP: tl.constex
         offs = tl.arange(0, BLOCK)
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         scale = row_scale(tl.abs(v), TOP)
-        tl.store(q_row + offs, quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
+        tl.store(q_row + q_column(offs, DOT_ORDER), quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -84,7 +103,7 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, TOP: tl.constex
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            tl.store(q_row + offs, quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
+            tl.store(q_row + q_column(offs, DOT_ORDER), quantize_block(v, scale, TOP, IS_INT), mask=offs < K)
     tl.store(s_ptr + row, scale)
 
 
@@ -112,13 +131,16 @@ def row_outputs(x: torch.Tensor, kind: str, block: int):
 
 @registry.register("quantize_per_token", "cuda", "triton")
 @registry.register("quantize_per_token", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def quantize_per_token_triton(x: torch.Tensor, kind: str, block: int = ONE_PASS_MAX):
+def quantize_per_token_triton(x: torch.Tensor, kind: str, dot_order: bool = False,
+                              block: int = ONE_PASS_MAX):
     """``block`` caps the kernel's block: rows wider than it are walked in chunks, twice."""
     dtype, top = check_kind(kind)
     if not x.is_floating_point() or x.dim() == 0:
         raise ValueError(f"quantize_per_token: x must be a float tensor [..., K], got {x.dtype} {tuple(x.shape)}")
+    check_dot_order(x.shape[-1], dot_order, "quantize_per_token")
     x2, q, scale, launch = row_outputs(x, kind, block)
     if x2.numel():
         _quantize_per_token_kernel[(x2.shape[0],)](x2, q, scale, x2.shape[1], x2.stride(0), TOP=top,
-                                                   IS_INT=dtype == torch.int8, **launch)
+                                                   IS_INT=dtype == torch.int8, DOT_ORDER=dot_order,
+                                                   **launch)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])

@@ -35,24 +35,26 @@ def _(x, qweight, scales, zeros, bias, group_size, x_dot_order=False):
 @torch.library.custom_op("hsd::w4a8_linear", mutates_args=())
 def w4a8_linear(xq: torch.Tensor, xscale: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                group_size: int) -> torch.Tensor:
-    """W4A8 / W4A4: int8 per-token activations (q, scale) times W4A16-format weights."""
+                group_size: int, x_dot_order: bool = False) -> torch.Tensor:
+    """W4A8 / W4A4: int8 per-token activations (q, scale) times W4A16-format weights.
+    x_dot_order: xq's columns are in ``hsd.kernels.w4a8.dot_order`` (set by lowering)."""
     return registry.lookup("w4a8_linear", xq.device.type)(xq, xscale, qweight, scales, zeros, bias,
-                                                          group_size)
+                                                          group_size, x_dot_order=x_dot_order)
 
 
 @w4a8_linear.register_fake
-def _(xq, xscale, qweight, scales, zeros, bias, group_size):
+def _(xq, xscale, qweight, scales, zeros, bias, group_size, x_dot_order=False):
     return xq.new_empty((*xq.shape[:-1], scales.shape[1]), dtype=scales.dtype)
 
 
 @torch.library.custom_op("hsd::quantize_per_token", mutates_args=())
-def quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return registry.lookup("quantize_per_token", x.device.type)(x, kind)
+def quantize_per_token(x: torch.Tensor, kind: str, dot_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """dot_order: q's columns in ``hsd.kernels.w4a8.dot_order`` (set by lowering)."""
+    return registry.lookup("quantize_per_token", x.device.type)(x, kind, dot_order)
 
 
 @quantize_per_token.register_fake
-def _(x, kind):
+def _(x, kind, dot_order=False):
     dtype, _ = _act_quant.check_kind(kind)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -106,11 +108,13 @@ def _(xq, xscale, wq, wscale, bias):
 
 
 @torch.library.custom_op("hsd::rmsnorm_quant", mutates_args=())
-def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return registry.lookup("rmsnorm_quant", x.device.type)(x, weight, eps, kind)
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str,
+                  dot_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """dot_order: q's columns in ``hsd.kernels.w4a8.dot_order`` (set by lowering)."""
+    return registry.lookup("rmsnorm_quant", x.device.type)(x, weight, eps, kind, dot_order)
 
 
 @rmsnorm_quant.register_fake
-def _(x, weight, eps, kind):
+def _(x, weight, eps, kind, dot_order=False):
     dtype, _ = _act_quant.check_kind(kind)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)

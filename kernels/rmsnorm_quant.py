@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from hsd.kernels import registry
-from hsd.kernels.act_quant import (ONE_PASS_MAX, check_kind, quantize_block, quantize_per_token_reference,
-                                   row_outputs, row_scale)
+from hsd.kernels.act_quant import (ONE_PASS_MAX, check_dot_order, check_kind, q_column, quantize_block,
+                                   quantize_per_token_reference, row_outputs, row_scale)
 
 
 def _check(x, weight, eps, kind, dtypes=(torch.float16, torch.bfloat16, torch.float32)):
@@ -39,9 +39,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @registry.register("rmsnorm_quant", "cpu", "reference")
-def rmsnorm_quant_reference(x, weight, eps: float, kind: str):
+def rmsnorm_quant_reference(x, weight, eps: float, kind: str, dot_order: bool = False):
     _check(x, weight, eps, kind, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    return quantize_per_token_reference(rmsnorm(x, weight, eps), kind)
+    return quantize_per_token_reference(rmsnorm(x, weight, eps), kind, dot_order)
 
 
 @triton.jit
@@ -54,7 +54,8 @@ def _normed(x, w_ptr, offs, K, rstd):
 
 @triton.jit
 def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, TOP: tl.constexpr,
-                          IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                          IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                          DOT_ORDER: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     q_row = q_ptr + row.to(tl.int64) * K
@@ -65,7 +66,7 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, TOP: tl.
         rstd = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, 0) / K + eps)
         y = _normed(x, w_ptr, offs, K, rstd)
         scale = row_scale(tl.abs(y), TOP)
-        tl.store(q_row + offs, quantize_block(y, scale, TOP, IS_INT), mask=offs < K)
+        tl.store(q_row + q_column(offs, DOT_ORDER), quantize_block(y, scale, TOP, IS_INT), mask=offs < K)
     else:
         sq = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -82,18 +83,22 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, TOP: tl.
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             y = _normed(tl.load(x_row + offs, mask=offs < K, other=0.0), w_ptr, offs, K, rstd)
-            tl.store(q_row + offs, quantize_block(y, scale, TOP, IS_INT), mask=offs < K)
+            tl.store(q_row + q_column(offs, DOT_ORDER), quantize_block(y, scale, TOP, IS_INT), mask=offs < K)
     tl.store(s_ptr + row, scale)
 
 
 @registry.register("rmsnorm_quant", "cuda", "triton")
 @registry.register("rmsnorm_quant", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def rmsnorm_quant_triton(x, weight, eps: float, kind: str, block: int = ONE_PASS_MAX):
-    """``block`` caps the kernel's block: rows wider than it are walked in chunks, three times."""
+def rmsnorm_quant_triton(x, weight, eps: float, kind: str, dot_order: bool = False,
+                         block: int = ONE_PASS_MAX):
+    """``block`` caps the kernel's block: rows wider than it are walked in chunks, three times.
+    dot_order: q's columns in ``w4a8.dot_order`` (see ``hsd.kernels.act_quant``)."""
     _check(x, weight, eps, kind)
+    check_dot_order(x.shape[-1], dot_order, "rmsnorm_quant")
     dtype, top = check_kind(kind)
     x2, q, scale, launch = row_outputs(x, kind, block)
     if x2.numel():
         _rmsnorm_quant_kernel[(x2.shape[0],)](x2, weight.contiguous(), q, scale, x2.shape[1], x2.stride(0), eps,
-                                              TOP=top, IS_INT=dtype == torch.int8, **launch)
+                                              TOP=top, IS_INT=dtype == torch.int8, DOT_ORDER=dot_order,
+                                              **launch)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])

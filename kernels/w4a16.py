@@ -246,17 +246,18 @@ def _split4(x):
 
 
 @triton.jit
-def _dot_order_base(t, BLOCK_K: tl.constexpr):
-    """Where tile t's first column (nibble 0 of its first word) sits in dot order: its 128-block's
-    start plus 2 per word of the block before the tile (BLOCK_K 64 or 128: a tile never crosses a
-    block). Written from t, not from k0 % 128: with the latter Triton 3.6 cannot tell that the
-    slice is 16-element aligned and loads x 4 bytes at a time, in 127 registers instead of 96
+def _dot_order_base(t, BLOCK_K: tl.constexpr, DOTS: tl.constexpr = 4):
+    """Where tile t's first column sits in a dot order of DOTS dots per 128-block (this file's
+    ``dot_order``: 4, ``w4a8.dot_order``: 2): its block's start plus the block's columns of each
+    dot that belong to earlier tiles (BLOCK_K 64 or 128: a tile never crosses a block). Written
+    from t, not from k0 % 128: with the latter Triton 3.6 cannot tell that the slice is
+    16-element aligned and loads x 4 bytes at a time, in 127 registers instead of 96
     (benchmarks/sass_stats.py; that form measured slower than _split4 on an H200)."""
     tiles: tl.constexpr = 128 // BLOCK_K
     if tiles == 1:
         base = t * 128
     else:
-        base = (t // tiles) * 128 + (t % tiles) * (BLOCK_K // 4)
+        base = (t // tiles) * 128 + (t % tiles) * (BLOCK_K // DOTS)
     return base
 
 

@@ -31,12 +31,35 @@ import triton
 import triton.language as tl
 
 from hsd.kernels import registry, tuning, w4a16
-from hsd.kernels.w4a16 import _k_range, _load_tile, _write
+from hsd.kernels.w4a16 import DOT_BLOCK, _dot_order_base, _k_range, _load_tile, _write
+
+
+def dot_order(xq: torch.Tensor) -> torch.Tensor:
+    """xq [..., K] (K a multiple of 128) with its columns in the order the kernel's 2 dots read
+    them: within each block of 128, column 64 a + r holds k = 2 r + a (the even k first, then
+    the odd). Each dot then loads one contiguous slice of x, straight into its operand, instead
+    of splitting a tile in registers. ``hsd::quantize_per_token`` and ``hsd::rmsnorm_quant``
+    write this order themselves when hsd's lowering asks them to."""
+    return xq.unflatten(-1, (-1, DOT_BLOCK // 2, 2)).movedim(-1, -2).flatten(-3)
+
+
+def natural_order(xq: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``dot_order``."""
+    return xq.unflatten(-1, (-1, 2, DOT_BLOCK // 2)).movedim(-2, -1).flatten(-3)
+
+
+def reads_dot_order(k: int, group_size: int) -> bool:
+    """Can the kernel read activations in ``dot_order`` for these weights? K a multiple of 128
+    and K tiles of 64 or 128 columns: groups of that size, or per channel (tiles of 128)."""
+    return k % DOT_BLOCK == 0 and (group_size == k or group_size in (64, 128))
 
 
 
-def w4a8_linear_reference(xq, xscale, qweight, scales, zeros, bias, group_size: int):
+def w4a8_linear_reference(xq, xscale, qweight, scales, zeros, bias, group_size: int,
+                          x_dot_order: bool = False):
     """The kernel's function in fp32: dequantized activations times dequantized weights."""
+    if x_dot_order:
+        xq = natural_order(xq)
     x = xq.float() * xscale.float()[..., None]
     w = w4a16.dequantize(qweight, scales.float(), None if zeros is None else zeros.float(), group_size)
     y = torch.nn.functional.linear(x, w, None if bias is None else bias.float())
@@ -95,7 +118,7 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, st
                  stride_ym, tiles_per_split, G: tl.constexpr, HAS_ZEROS: tl.constexpr,
                  HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, ATOMIC: tl.constexpr,
                  WEIGHTS_AS_A: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DOT_ORDER: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y over the K tiles of split tl.program_id(2).
 
     WEIGHTS_AS_A computes y.T = W @ x.T: with BLOCK_M >= 64 Triton uses Hopper's wgmma, which
@@ -112,15 +135,25 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, st
         # loaded) come as bytes from _load_bytes
         _, zero, scale = _load_tile(qw_ptr, s_ptr, z_ptr, k0, K, N, offs_n, offs_n < N, G,
                                     HAS_ZEROS, True, BLOCK_K, False, tl.float32)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
         lo, hi = _split_nibbles(_load_bytes(qw_ptr, k0, K, N, BLOCK_N, BLOCK_K), ASM)
+        if X_DOT_ORDER:  # see dot_order: the even and the odd k are two slices, loaded as x.T
+            offs_k = _dot_order_base(t, BLOCK_K, 2) + tl.arange(0, BLOCK_K // 2)
+            xt = xq_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
+            xt_even = tl.load(xt, mask=mask_m[None, :], other=0)
+            xt_odd = tl.load(xt + DOT_BLOCK // 2, mask=mask_m[None, :], other=0)
+            x_sum = tl.sum(xt_even.to(tl.int32), axis=0) + tl.sum(xt_odd.to(tl.int32), axis=0)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0)
+            x_sum = tl.sum(x.to(tl.int32), axis=1)
         # sum_k x (q - zero) = sum_k x q - zero sum_k x: the dots start from the second term
-        dot = tl.broadcast_to(-zero.to(tl.int32) * tl.sum(x.to(tl.int32), axis=1)[:, None],
-                              (BLOCK_M, BLOCK_N))
+        dot = tl.broadcast_to(-zero.to(tl.int32) * x_sum[:, None], (BLOCK_M, BLOCK_N))
         if BLOCK_K >= 64:  # two dots, over the even and the odd k
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            if X_DOT_ORDER:
+                x_even, x_odd = tl.trans(xt_even), tl.trans(xt_odd)
+            else:
+                x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
             dot = _idot(x_even, _rows(lo), dot, WEIGHTS_AS_A)
             dot = _idot(x_odd, _rows(hi), dot, WEIGHTS_AS_A)
         else:  # the int8 MMA needs K >= 32 per dot: one dot over the k in their natural order
@@ -198,11 +231,15 @@ def _check(xq, xscale, qweight, scales, zeros, bias, group_size):
 
 @registry.register("w4a8_linear", "cuda", "triton")
 @registry.register("w4a8_linear", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int, config=None):
+def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int, config=None,
+                       x_dot_order: bool = False):
     """config: dict(BLOCK_M, BLOCK_N, BLOCK_K (per-channel only), SPLIT_K, num_warps, num_stages,
-    WEIGHTS_AS_A); default: the tuned table for this GPU, else ``default_config``."""
+    WEIGHTS_AS_A); default: the tuned table for this GPU, else ``default_config``.
+    x_dot_order: xq's columns are in ``dot_order``."""
     _check(xq, xscale, qweight, scales, zeros, bias, group_size)
     k, n = xq.shape[-1], scales.shape[1]
+    if x_dot_order and k % DOT_BLOCK:
+        raise ValueError(f"w4a8: activations in dot order need in_features % {DOT_BLOCK} == 0, got {k}")
     x2, xs = xq.reshape(-1, k), xscale.reshape(-1)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -215,6 +252,7 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
     # tl.dot needs M, N >= 16 and the int8 MMA K >= 32 on the GPU (the interpreter accepts less)
     assert all(b & (b - 1) == 0 for b in (block_m, block_n, block_k)), cfg
     assert block_m >= 16 and block_n >= 16 and block_k >= 32, cfg
+    assert not x_dot_order or block_k in (64, 128), cfg  # two dots, a tile within one block
     grid, tiles_per_split, y = tuning.split_k_launch(m, n, k, block_m, block_n, block_k, cfg["SPLIT_K"],
                                                      xq.device, scales.dtype)
     if m == 0:
@@ -223,7 +261,7 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
                        tiles_per_split, G=group_size, HAS_ZEROS=zeros is not None,
                        HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, ATOMIC=grid[2] > 1,
                        WEIGHTS_AS_A=cfg.get("WEIGHTS_AS_A", block_m >= 64), ASM=xq.is_cuda,
-                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, X_DOT_ORDER=x_dot_order,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*xq.shape[:-1], n)
 
@@ -261,28 +299,31 @@ def random_inputs(m: int, n: int, k: int, group_size: int = 128, dtype=torch.flo
 
 
 def benchmark(m: int, n: int, k: int, group_size: int = 128, kind: str = "int8",
-              dtype=torch.float16, config=None, device="cuda"):
+              dtype=torch.float16, config=None, device="cuda", dot_order: bool = True):
     """A zero-argument callable that runs what a W4A8 (kind "int8") or W4A4 ("int4") Linear
     runs on [m, k] random activations: hsd::quantize_per_token, then the GEMM (``config`` or
-    the table's). For ``hsd.kernels.timing``."""
+    the table's), with q in dot order where hsd's lowering puts it so (``dot_order=False``:
+    never). For ``hsd.kernels.timing``."""
     x, qweight, scales, _ = random_inputs(m, n, k, group_size, dtype, device=device)
     g = k if group_size in (None, -1) else group_size
+    dot_order = dot_order and reads_dot_order(k, g)
     quantize = registry.lookup("quantize_per_token", torch.device(device).type)
     gemm = functools.partial(w4a8_linear_triton, qweight=qweight, scales=scales, zeros=None,
-                             bias=None, group_size=g, config=config)
-    return lambda: gemm(*quantize(x, kind))
+                             bias=None, group_size=g, config=config, x_dot_order=dot_order)
+    return lambda: gemm(*quantize(x, kind, dot_order))
 
 
 def tune(shapes, m_buckets=(1, 16, 64), group_size: int = 128, path=None, reps: int = 10,
          budget_s: float = float("inf"), verbose: bool = True, device="cuda"):
-    """``tuning.tune`` of ``candidate_configs`` (the GEMM alone, int8 activations) per (N, K) in
-    ``shapes`` and M bucket on this GPU; writes ``configs/w4a8_<gpu>.json`` unless ``path`` is
-    given, and updates the live table."""
+    """``tuning.tune`` of ``candidate_configs`` (the GEMM alone, int8 activations, in dot order
+    where hsd's lowering puts them so) per (N, K) in ``shapes`` and M bucket on this GPU; writes
+    ``configs/w4a8_<gpu>.json`` unless ``path`` is given, and updates the live table."""
     quantize = registry.lookup("quantize_per_token", torch.device(device).type)
     return tuning.tune(
         "w4a8", _TABLES, shapes, m_buckets, candidate_configs,
         weights=lambda n, k: random_inputs(1, n, k, group_size, device=device)[1:3],
         inputs=lambda m, k: quantize(torch.randn(m, k, device=device, dtype=torch.float16), "int8"),
-        launch=lambda x, w, cfg: w4a8_linear_triton(*x, *w, None, None, group_size, cfg),
+        launch=lambda x, w, cfg: w4a8_linear_triton(*x, *w, None, None, group_size, cfg,
+                                                    x_dot_order=reads_dot_order(x[0].shape[-1], group_size)),
         out=path, reps=reps, budget_s=budget_s, verbose=verbose, device=device,
         meta=dict(group_size=group_size))

@@ -5,8 +5,8 @@ references elsewhere (``hsd.kernels.registry``); lowering compiles the rest of t
   "inductor"  torch inductor (``compile_fx``), then the step is captured in a CUDA graph on CUDA
   "aot_eager" AOT autograd + functionalization without code generation (tests the same path cheaply)
   "eager"     the fx graph's own Python code (CPU default: no compile time)
-On CUDA the W4A16 GEMMs first get their activations in the order their kernel reads them
-(``hsd.lowering.dot_order``; HSD_DOT_ORDER=0: off).
+On CUDA the W4A16 and W4A8 / W4A4 GEMMs first get their activations in the order their kernels
+read them (``hsd.lowering.dot_order``; HSD_DOT_ORDER=0: off).
 """
 import os
 
@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from hsd.lowering.cuda_graphs import GraphedStep
-from hsd.lowering.dot_order import w4a16_dot_order
+from hsd.lowering.dot_order import w4a16_dot_order, w4a8_dot_order
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -35,6 +35,7 @@ def lower(gm: torch.fx.GraphModule, inputs: dict, backend: str, cuda_graph: bool
     example = list(inputs.values())
     if any(t.is_cuda for t in example) and os.environ.get("HSD_DOT_ORDER", "1") != "0":
         w4a16_dot_order(gm)
+        w4a8_dot_order(gm)
     if backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
         fn = compile_fx(gm, example)

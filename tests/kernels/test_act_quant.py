@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from hypothesis import example, given, settings, strategies as st
 
-from hsd.kernels import registry
+from hsd.kernels import registry, w4a8
 from hsd.kernels.act_quant import (KINDS, ONE_PASS_MAX, dequantize, quantize_per_token_reference,
                                   quantize_per_token_triton, row_outputs)
 from hsd.testing import sqnr_db
@@ -40,6 +40,20 @@ def test_int_kinds_match_reference_exactly(m, k, kind, dtype, outliers, block, s
     q_ref, s_ref = quantize_per_token_reference(x, kind)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
     assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize("block", [64, 4096])
+@pytest.mark.parametrize("k", [128, 384])
+def test_dot_order_is_a_permuted_store(k, block):
+    """dot_order=True writes the very q of the natural order, its columns in w4a8.dot_order
+    (one pass, and chunks of 64 that each hold half a dot-order block)."""
+    x = rows(3, k, 5, torch.float16, True)
+    q, s = quantize_per_token_triton(x, "int8", dot_order=True, block=block)
+    q_nat, s_nat = quantize_per_token_triton(x, "int8", block=block)
+    assert torch.equal(q, w4a8.dot_order(q_nat)) and torch.equal(s, s_nat)
+    assert torch.equal(quantize_per_token_reference(x, "int8", dot_order=True)[0], q)
+    with pytest.raises(ValueError, match="dot order"):
+        quantize_per_token_triton(rows(2, 96, 0, torch.float32, False), "int8", dot_order=True)
 
 
 def test_decode_rows_take_one_pass():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from hsd.kernels import registry
+from hsd.kernels import registry, w4a8
 from hsd.kernels.act_quant import ONE_PASS_MAX, dequantize, quantize_per_token_reference
 from hsd.kernels.rmsnorm_quant import rmsnorm, rmsnorm_quant_reference, rmsnorm_quant_triton
 
@@ -44,6 +44,17 @@ def test_kernel_matches_reference(m, k, kind, dtype, block, eps, seed):
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
     diff = (q.int() - q_ref.int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 0.02
+
+
+def test_dot_order_is_a_permuted_store():
+    """dot_order=True: the natural q with its columns in w4a8.dot_order (one pass and 3 passes)."""
+    x, w = case(3, 256, 4, torch.float16)
+    for block in (64, 4096):
+        q, s = rmsnorm_quant_triton(x, w, 1e-6, "int4", dot_order=True, block=block)
+        q_nat, s_nat = rmsnorm_quant_triton(x, w, 1e-6, "int4", block=block)
+        assert torch.equal(q, w4a8.dot_order(q_nat)) and torch.equal(s, s_nat)
+    with pytest.raises(ValueError, match="dot order"):
+        rmsnorm_quant_triton(*case(2, 64, 0), 1e-6, "int8", dot_order=True)
 
 
 def test_the_op_3d():

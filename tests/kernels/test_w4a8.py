@@ -37,12 +37,14 @@ def make_case(m, n, k, group, symmetric, dtype, bias=False, seed=0, kind="int8",
     return (to(xq), to(xs), to(qw), to(s.to(dtype)), to(None if z is None else z.to(dtype)), to(b))
 
 
-def check(case, group, config=None):
-    """The kernel against the reference evaluated in fp32 from the same (rounded) inputs."""
+def check(case, group, config=None, x_dot_order=False):
+    """The kernel against the reference evaluated in fp32 from the same (rounded) inputs; with
+    ``x_dot_order`` the kernel gets xq in dot order (the reference still the natural xq)."""
     xq, xs, qw, s, z, b = case
     up = lambda t: None if t is None else t.float()  # noqa: E731
     ref = w4a8_linear_reference(xq, xs, qw, s.float(), up(z), up(b), group)
-    y = w4a8_linear_triton(xq, xs, qw, s, z, b, group, config)
+    y = w4a8_linear_triton(w4a8.dot_order(xq) if x_dot_order else xq, xs, qw, s, z, b, group, config,
+                           x_dot_order)
     assert y.dtype == s.dtype and y.shape == ref.shape
     err = (y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)
     assert err < TOL[s.dtype], (err.item(), config)
@@ -54,14 +56,36 @@ def check(case, group, config=None):
 @given(m=st.integers(1, 70), n=st.sampled_from([32, 64, 96, 160]), k_groups=st.integers(1, 3),
        group=st.sampled_from([32, 64, 128, "K"]), symmetric=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.float32]), kind=st.sampled_from(["int8", "int4"]),
-       split=st.sampled_from([1, 2, 3]), swap=st.booleans(), seed=st.integers(0, 2**16))
+       split=st.sampled_from([1, 2, 3]), swap=st.booleans(), x_dot_order=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_kernel_matches_reference(m, n, k_groups, group, symmetric, bias, dtype, kind, split, swap,
-                                  seed):
+                                  x_dot_order, seed):
     k = (128 if group == "K" else group) * k_groups
     group = k if group == "K" else group
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     case = make_case(m, n, k, group, symmetric, dtype, bias, seed, kind)
-    check(case, group, cfg(block_m, split, WEIGHTS_AS_A=swap and block_m >= 64))
+    # dot order: K a multiple of 128, tiles (the group, or 128 per channel) of 64 or 128
+    x_dot_order &= k % 128 == 0 and (group == k or group >= 64)
+    check(case, group, cfg(block_m, split, WEIGHTS_AS_A=swap and block_m >= 64), x_dot_order)
+
+
+@pytest.mark.parametrize("group, block_k", [(64, 128), (128, 128), (512, 64), (512, 128)])
+def test_dot_order_at_every_tile_start(group, block_k):
+    """K = 512, one K tile per split: every tile of 64 or 128 columns, grouped or per channel
+    (G = K, tiles of BLOCK_K), finds its even and odd slices (``_dot_order_base``)."""
+    case = make_case(3, 32, 512, group, False, torch.float32, seed=1)
+    tile = block_k if group == 512 else group
+    check(case, group, cfg(16, split=512 // tile, block_n=32, block_k=block_k), x_dot_order=True)
+
+
+def test_dot_order_roundtrip_and_bad_k():
+    x = torch.arange(256).reshape(1, 256)
+    d = w4a8.dot_order(x)
+    assert d[0, :4].tolist() == [0, 2, 4, 6] and d[0, 64:66].tolist() == [1, 3] and d[0, 128].item() == 128
+    assert torch.equal(w4a8.natural_order(d), x)
+    with pytest.raises(ValueError, match="dot order"):
+        w4a8_linear_triton(*make_case(2, 32, 96, 96, True, torch.float32), 96, cfg(16, block_k=32),
+                           x_dot_order=True)
 
 
 def test_per_channel_k_not_a_multiple_of_the_tile():
@@ -202,9 +226,9 @@ def test_tune_picks_the_fastest(tmp_path, monkeypatch):
             fn()
         return 1.0 if launched[-1]["BLOCK_N"] == 128 else 2.0
 
-    def launch(*args):
+    def launch(*args, **kwargs):
         launched.append(args[-1])
-        return w4a8_linear_triton(*args)
+        return w4a8_linear_triton(*args, **kwargs)
     monkeypatch.setattr(timing, "bench_stream_us", fake_bench)
     monkeypatch.setattr(timing, "stream_copies", lambda nbytes: 2)
     monkeypatch.setattr(w4a8, "w4a8_linear_triton", launch)

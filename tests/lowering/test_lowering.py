@@ -1,11 +1,13 @@
 """The compiled backends (functionalization of the cache-mutating op included) equal eager."""
+import operator
+
 import pytest
 import torch
 
 import hsd
 from hsd import testing
 from hsd.kernels import ops, registry, w4a16  # noqa: F401  (ops registers torch.ops.hsd.*)
-from hsd.lowering.dot_order import w4a16_dot_order
+from hsd.lowering.dot_order import w4a16_dot_order, w4a8_dot_order
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -76,3 +78,45 @@ def test_w4a16_dot_order_rewrite(impl):
     op = next(n for n in gm.graph.nodes if n.target is torch.ops.hsd.w4a16_linear.default)
     assert op.args[-1] is True and op.args[0].target is w4a16.dot_order
     assert w4a16_dot_order(_one_w4a16_graph(64, 96, 32)) == 0            # K = 96: left as is
+
+
+def _w4a8_graph(k: int, group: int, norm: bool, extra_user: bool = False) -> torch.fx.GraphModule:
+    """x -> quantize_per_token (or rmsnorm_quant) -> two w4a8_linear ops; ``extra_user``: q is
+    also a graph output (a reader that wants the natural order)."""
+    root, graph = torch.nn.Module(), torch.fx.Graph()
+    x = graph.placeholder("x")
+    if norm:
+        root.register_buffer("norm_weight", torch.rand(k) + 0.5)
+        quant = graph.call_function(torch.ops.hsd.rmsnorm_quant.default, (x, graph.get_attr("norm_weight"), 1e-6, "int8"))
+    else:
+        quant = graph.call_function(torch.ops.hsd.quantize_per_token.default, (x, "int4"))
+    q, scale = (graph.call_function(operator.getitem, (quant, i)) for i in range(2))
+    outs = []
+    for i, n in enumerate((32, 48)):
+        qweight, scales, _ = w4a16.quantize_rtn(torch.randn(n, k), group)
+        root.register_buffer(f"qweight{i}", qweight)
+        root.register_buffer(f"scales{i}", scales)
+        attrs = [graph.get_attr(f"{name}{i}") for name in ("qweight", "scales")]
+        outs.append(graph.call_function(torch.ops.hsd.w4a8_linear.default, (q, scale, *attrs, None, None, group)))
+    graph.output((*outs, q) if extra_user else tuple(outs))
+    return torch.fx.GraphModule(root, graph)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_w4a8_dot_order_rewrite(norm):
+    """The quantization stores q in dot order and both GEMMs read it so; the outputs are what
+    they were (Triton kernels under the interpreter). Left as is: K not a multiple of 128, groups
+    the kernel cannot split (32), and a q that something else reads too."""
+    x = torch.randn(3, 256)
+    gm = _w4a8_graph(256, 128, norm)
+    with registry.use("w4a8_linear", "triton"), registry.use("quantize_per_token", "triton"), \
+            registry.use("rmsnorm_quant", "triton"):
+        want = gm(x)
+        assert w4a8_dot_order(gm) == 1 and w4a8_dot_order(gm) == 0
+        for got, expected in zip(gm(x), want):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    ops_ = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+    assert all(n.args[-1] is True for n in ops_)
+    assert w4a8_dot_order(_w4a8_graph(256, 256, norm)) == 1   # per channel: G = K
+    for k, group, extra in ((192, 64, False), (256, 32, False), (256, 128, True)):
+        assert w4a8_dot_order(_w4a8_graph(k, group, norm, extra)) == 0
