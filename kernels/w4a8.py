@@ -140,7 +140,7 @@ def _w4a8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, st
             offs_k = _dot_order_base(t, BLOCK_K, 2) + tl.arange(0, BLOCK_K // 2)
             xt = xq_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
             xt_even = tl.load(xt, mask=mask_m[None, :], other=0)
-            xt_odd = tl.load(xt + DOT_BLOCK // 2, mask=mask_m[None, :], other=0)
+            xt_odd = tl.load(xt + 64, mask=mask_m[None, :], other=0)  # half a 128-block on
             x_sum = tl.sum(xt_even.to(tl.int32), axis=0) + tl.sum(xt_odd.to(tl.int32), axis=0)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
