@@ -13,7 +13,6 @@ kernel alone (to see what the reduce costs), stream timing; the fastest plan per
 $OUT/attention_plans.json (bench_attention.py --plans). Prints a short table last; JSON in $OUT/sweep.json.
 """
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -113,13 +112,13 @@ def w4a16_per_linear(flush):
     return rows
 
 
-def split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale, partials=torch.float16):
+def split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale):
     b, hq, t, d = q.shape
     hkv, slots = kc.shape[2], kc.shape[3]
     rows = hq // hkv * t
     block_m, block_n, n_splits, warps, stages, tree_split = attention._split_plan(rows, slots, b * hkv, q.device)
     parts = n_splits + tree_split
-    o = torch.empty((b * hkv, parts, rows, d), device="cuda", dtype=partials)
+    o = torch.empty((b * hkv, parts, rows, d), device="cuda", dtype=torch.float32)
     lse = torch.empty((b * hkv, parts, rows), device="cuda", dtype=torch.float32)
 
     def run():
@@ -142,30 +141,27 @@ def attention_sweep():
             plans = [(64, bn, 4, st, per_sm, ts) for bn, st, per_sm, ts
                      in itertools.product((64, 128), (2, 3), (2, 4), (True, False))]
         else:
-            plans = [(64, 64, 4, 3, 1, True), (64, 64, 4, 3, 2, False), (64, 64, 4, 3, 4, False), (64, 64, 4, 2, 1, False),
+            plans = [(64, 64, 4, 3, 1, True), (64, 64, 4, 3, 2, False), (64, 64, 4, 2, 1, False),
                      (64, 128, 4, 3, 1, False), (128, 64, 8, 3, 1, False), (128, 64, 8, 3, 1, True),
                      (128, 64, 8, 2, 1, False)]
         plans = [default[kind]] + plans
         kr, vr = kc.clone(), vc.clone()
         want = attention.attention_reference(q, k, v, kr, vr, 0, cache_len, tree_mask, scale)
         caches = [ba.make_inputs(prefix, n) for _ in range(stream_copies(4 * ba.HKV * prefix * ba.D))]
-        # every plan with the default (fp16) partials; the default plan with fp32 ones too
-        for plan, partials in [(p, torch.float16) for p in dict.fromkeys(plans)] + [(plans[0], torch.float32)]:
+        for plan in dict.fromkeys(plans):
             attention.LAUNCH_PLANS[kind] = plan
             attention._split_plan.cache_clear()
-            op = functools.partial(attention.attention_triton, partials=partials)
             try:
-                got = op(q, k, v, kc, vc, 0, cache_len, tree_mask, scale)
+                got = attention.attention_triton(q, k, v, kc, vc, 0, cache_len, tree_mask, scale)
                 err = (got.float() - want.float()).abs().max().item()
-                us = bench_stream_us([functools.partial(op, *c[:5], 0, c[5], tree_mask, scale) for c in caches])
-                split = bench_stream_us([split_only_us(*c, tree_mask, scale, partials) for c in caches])
+                us = bench_stream_us([ba.call("triton", c, prefix, tree_mask, scale) for c in caches])
+                split = bench_stream_us([split_only_us(*c, tree_mask, scale) for c in caches])
             except Exception as e:  # out of resources: not a candidate
                 print(f"attention prefix={prefix} nodes={n} plan={plan}: {type(e).__name__} {str(e)[:120]}")
                 continue
-            name = str(partials).removeprefix("torch.")
-            rows.append(dict(prefix=prefix, nodes=n, plan=plan, partials=name, us=us, split_us=split, err=err))
-            print(f"attention prefix={prefix} nodes={n} plan={plan} {name} partials: {us:.1f} us "
-                  f"(split kernel {split:.1f}) err {err:.1e}", flush=True)
+            rows.append(dict(prefix=prefix, nodes=n, plan=plan, us=us, split_us=split, err=err))
+            print(f"attention prefix={prefix} nodes={n} plan={plan}: {us:.1f} us (split kernel {split:.1f}) err {err:.1e}",
+                  flush=True)
         attention.LAUNCH_PLANS.update(default)
         attention._split_plan.cache_clear()
     return rows
@@ -174,7 +170,7 @@ def attention_sweep():
 def best_plans(rows):
     """{"few_rows" | "many_rows": the plan with the least time summed over the prefixes swept}."""
     total = {}
-    for r in (r for r in rows if r["partials"] == "float16"):
+    for r in rows:
         kind = "few_rows" if ba.HQ // ba.HKV * r["nodes"] <= 64 else "many_rows"
         per_prefix = total.setdefault(kind, {}).setdefault(tuple(r["plan"]), {})
         per_prefix[r["prefix"]] = r["us"]
@@ -215,11 +211,9 @@ def main():
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for (prefix, n), r in best.items():
-        first, fp32 = (next(x for x in report["attention"] if (x["prefix"], x["nodes"], x["partials"]) == (prefix, n, p))
-                       for p in ("float16", "float32"))
-        print(f"attention prefix {prefix} nodes {n}: default {first['us']:.1f} us (split {first['split_us']:.1f}), "
-              f"fp32 partials {fp32['us']:.1f} (split {fp32['split_us']:.1f}); best {r['us']:.1f} us "
-              f"(split {r['split_us']:.1f}) plan {r['plan']} {r['partials']}")
+        first = next(x for x in report["attention"] if (x["prefix"], x["nodes"]) == (prefix, n))
+        print(f"attention prefix {prefix} nodes {n}: default {first['us']:.1f} us (split {first['split_us']:.1f}); "
+              f"best {r['us']:.1f} us (split {r['split_us']:.1f}) plan {r['plan']}")
 
 
 if __name__ == "__main__":

@@ -196,8 +196,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
                 m_i, l_i, acc = _softmax_step(q, k, v, allowed != 0, m_i, l_i, acc, qk_scale)
         part = bh * parts + split
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        tl.store(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :],
-                 (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+                 mask=row_ok[:, None])
         tl.store(lse_ptr + part * ROWS + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -219,8 +219,7 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, S, ROWS, N_SPLITS
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[None, :])
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o = tl.load(o_ptr + part_row[:, :, None] * D + cols[None, None, :], mask=used[:, :, None],
-                other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + part_row[:, :, None] * D + cols[None, None, :], mask=used[:, :, None], other=0.0)
     out = tl.sum(o * w[:, :, None], 0) / tl.sum(w, 0)[:, None]                   # [BLOCK_R, BLOCK_D]
     rows_out = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     tl.store(out_ptr + (bh * ROWS + rows_out)[:, None] * D + cols[None, :],
@@ -256,11 +255,9 @@ def _split_plan(rows: int, slots: int, groups: int, device: torch.device, n_spli
 @registry.register("attention", "cuda", "triton", default=True)
 @registry.register("attention", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
 def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float, n_splits=None,
-                     tree_split=None, partials=None):
+                     tree_split=None):
     """``n_splits`` (how many programs share each prefix) and ``tree_split`` override the plan;
-    tests use them. ``partials``: the dtype of each split's normalized output, by default fp16
-    for fp16 inputs (whose output is fp16 anyway; a tree of 64 nodes at prefix 8192 writes and
-    merges 8.4 MB of them in fp32), else fp32."""
+    tests use them."""
     validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask)
     b, hq, t, d = q.shape
     hkv, slots = k_cache.shape[2], k_cache.shape[3]
@@ -269,8 +266,7 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     block_m, block_n, n_splits, warps, stages, tree_split = _split_plan(rows, slots, b * hkv, q.device, n_splits, tree_split)
     launch = pdl.launch_args(q.device)   # both kernels: the merge launches while the split ends
     parts = n_splits + tree_split
-    partials = partials or (torch.float16 if q.dtype == torch.float16 else torch.float32)
-    o_part = torch.empty((b * hkv, parts, rows, d), device=q.device, dtype=partials)
+    o_part = torch.empty((b * hkv, parts, rows, d), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * hkv, parts, rows), device=q.device, dtype=torch.float32)
     _attn_split_kernel[(triton.cdiv(rows, block_m), parts, b * hkv)](
         q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,

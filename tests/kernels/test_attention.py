@@ -32,7 +32,7 @@ def attention_cases(draw):
     return dict(parent=parent, b=b, hkv=hkv, groups=groups, prefixes=prefixes, slots=slots,
                 d=draw(st.sampled_from([16, 32])), dtype=draw(st.sampled_from([torch.float32, torch.float16])),
                 layer=draw(st.integers(0, 1)), n_splits=draw(st.sampled_from([None, 1, 3, 8])),
-                tree_split=draw(st.booleans()), partials=draw(st.sampled_from([None, torch.float32])),
+                tree_split=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**16)))
 
 
@@ -58,7 +58,7 @@ def test_triton_matches_reference(case):
     scale = case["d"] ** -0.5
     want = attention_reference(q, k, v, k_ref, v_ref, case["layer"], cache_len, mask, scale)
     got = attention_triton(q, k, v, k_cache, v_cache, case["layer"], cache_len, mask, scale, n_splits=case["n_splits"],
-                           tree_split=case["tree_split"], partials=case["partials"])
+                           tree_split=case["tree_split"])
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[case["dtype"]], rtol=TOL[case["dtype"]])
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
