@@ -22,7 +22,10 @@ Unpacking: the weights are loaded as bytes, 16 per thread per load. A 32-bit reg
 becomes 4 low nibbles (one AND) and 4 high nibbles (one shift, one AND) that are directly int8
 MMA operand bytes (inline PTX on the GPU; the interpreter does the same per byte). The low
 nibbles hold k = 8 r + 2 j, the high ones 8 r + 2 j + 1: two dots, against the even and the odd
-columns of x. sass_stats-style check: ``benchmarks/sass_w4a8.py`` (no GPU needed).
+columns of x. On CUDA hsd's lowering has the quantization store x with those halves apart
+(``dot_order``, X_DOT_ORDER), so each dot loads its half straight into the operand instead of
+splitting a tile in registers (H100, 8B layer: -7% at M = 32..128; benchmarks/results/README.md).
+sass_stats-style check: ``benchmarks/sass_w4a8.py [--dot-order]`` (no GPU needed).
 """
 import functools
 
