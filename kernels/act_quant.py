@@ -68,7 +68,8 @@ def quantize_block(v, scale, TOP: tl.constexpr, IS_INT: tl.constexpr):
 
 @triton.jit
 def q_column(offs, DOT_ORDER: tl.constexpr):
-    """Where column offs of a row of q is stored: in place, or in ``w4a8.dot_order``."""
+    """Where column offs of a row of q is stored: in place, or in ``w4a8.dot_order`` (blocks of
+    w4a8.DOT_BLOCK = 128 columns, the even ones first; a Triton kernel reads no Python global)."""
     if DOT_ORDER:
         offs = (offs // 128) * 128 + (offs % 2) * 64 + (offs % 128) // 2
     return offs
