@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from hsd.kernels import registry, w4a8
+from hsd.kernels.w4a16 import check_dot_order
 
 KINDS = {"int8": (torch.int8, 127.0), "int4": (torch.int8, 7.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
@@ -27,11 +28,6 @@ def check_kind(kind: str):
     if kind not in KINDS:
         raise ValueError(f"unknown activation quantization {kind!r}; known: {', '.join(KINDS)}")
     return KINDS[kind]
-
-
-def check_dot_order(k: int, dot_order: bool, what: str):
-    if dot_order and k % w4a8.DOT_BLOCK:
-        raise ValueError(f"{what}: dot order needs a row length divisible by {w4a8.DOT_BLOCK}, got {k}")
 
 
 @registry.register("quantize_per_token", "cpu", "reference")

@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from hsd.kernels import registry
-from hsd.kernels.act_quant import (ONE_PASS_MAX, check_dot_order, check_kind, q_column, quantize_block,
-                                   quantize_per_token_reference, row_outputs, row_scale)
+from hsd.kernels.act_quant import (ONE_PASS_MAX, check_kind, q_column, quantize_block, quantize_per_token_reference,
+                                   row_outputs, row_scale)
+from hsd.kernels.w4a16 import check_dot_order
 
 
 def _check(x, weight, eps, kind, dtypes=(torch.float16, torch.bfloat16, torch.float32)):

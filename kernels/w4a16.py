@@ -113,6 +113,12 @@ def dequantize(qweight, scales, zeros, group_size: int) -> torch.Tensor:
 DOT_BLOCK = 128  # dot order permutes K within blocks of this many columns
 
 
+def check_dot_order(k: int, dot_order: bool, what: str):
+    """Activations (or a quantization's output) in a dot order need K divisible by DOT_BLOCK."""
+    if dot_order and k % DOT_BLOCK:
+        raise ValueError(f"{what}: activations in dot order need K % {DOT_BLOCK} == 0, got K = {k}")
+
+
 def dot_order(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] (K a multiple of 128) with its columns in the order the kernels' 4 dots read
     them: within each block of 128, column 32 j + 2 r + a holds k = 8 r + 4 a + j (nibble
@@ -431,8 +437,7 @@ def w4a16_linear_triton(x, qweight, scales, zeros, bias, group_size: int, config
     table for this GPU, else ``default_config``. x_dot_order: x's columns are in ``dot_order``."""
     _check(x, qweight, scales, zeros, bias, group_size)
     k, n = x.shape[-1], scales.shape[1]
-    if x_dot_order and k % DOT_BLOCK:
-        raise ValueError(f"w4a16: activations in dot order need in_features % {DOT_BLOCK} == 0, got {k}")
+    check_dot_order(k, x_dot_order, "w4a16")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from hsd.kernels import registry, tuning, w4a16
-from hsd.kernels.w4a16 import DOT_BLOCK, _dot_order_base, _k_range, _load_tile, _write
+from hsd.kernels.w4a16 import DOT_BLOCK, _dot_order_base, _k_range, _load_tile, _write, check_dot_order
 
 
 def dot_order(xq: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,6 @@ def reads_dot_order(k: int, group_size: int) -> bool:
     """Can the kernel read activations in ``dot_order`` for these weights? K a multiple of 128
     and K tiles of 64 or 128 columns: groups of that size, or per channel (tiles of 128)."""
     return k % DOT_BLOCK == 0 and (group_size == k or group_size in (64, 128))
-
 
 
 def w4a8_linear_reference(xq, xscale, qweight, scales, zeros, bias, group_size: int,
@@ -241,8 +240,7 @@ def w4a8_linear_triton(xq, xscale, qweight, scales, zeros, bias, group_size: int
     x_dot_order: xq's columns are in ``dot_order``."""
     _check(xq, xscale, qweight, scales, zeros, bias, group_size)
     k, n = xq.shape[-1], scales.shape[1]
-    if x_dot_order and k % DOT_BLOCK:
-        raise ValueError(f"w4a8: activations in dot order need in_features % {DOT_BLOCK} == 0, got {k}")
+    check_dot_order(k, x_dot_order, "w4a8")
     x2, xs = xq.reshape(-1, k), xscale.reshape(-1)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

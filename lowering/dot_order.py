@@ -67,12 +67,11 @@ def w4a8_dot_order(gm: torch.fx.GraphModule) -> int:
             continue
         if not all(u.target is operator.getitem for u in node.users):
             continue
-        qs = [u for u in node.users if u.args[1] == 0]
-        linears = [lin for q in qs for lin in q.users]
-        if not linears or not all(_reads_dot_order(gm, lin, q) for q in qs for lin in q.users):
+        readers = [(lin, q) for q in node.users if q.args[1] == 0 for lin in q.users]
+        if not readers or not all(_reads_dot_order(gm, lin, q) for lin, q in readers):
             continue
         node.args = (*node.args, True)
-        for lin in linears:
+        for lin, _ in readers:
             lin.args = (*lin.args, True)
         done += 1
     if done:
