@@ -141,9 +141,9 @@ def attention_sweep():
             plans = [(64, bn, 4, st, per_sm, ts) for bn, st, per_sm, ts
                      in itertools.product((64, 128), (2, 3), (2, 4), (True, False))]
         else:
-            plans = [(64, 64, 4, 3, 1, True), (64, 64, 4, 3, 2, False), (64, 64, 4, 2, 1, False),
-                     (64, 128, 4, 3, 1, False), (128, 64, 8, 3, 1, False), (128, 64, 8, 3, 1, True),
-                     (128, 64, 8, 2, 1, False)]
+            plans = [(64, 64, 4, 3, 1, True), (64, 64, 4, 3, 2, False), (64, 64, 4, 2, 2, False),
+                     (64, 128, 4, 2, 1, False), (128, 64, 8, 3, 1, False), (128, 64, 8, 2, 1, False),
+                     (128, 128, 8, 2, 1, False), (64, 64, 4, 3, 3, False)]
         plans = [default[kind]] + plans
         kr, vr = kc.clone(), vc.clone()
         want = attention.attention_reference(q, k, v, kr, vr, 0, cache_len, tree_mask, scale)

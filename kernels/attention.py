@@ -123,10 +123,10 @@ def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_m
 # replay with any cache_len); the prefix cache_len[b] is cut into that many equal chunks inside
 # the kernel, so every split has work at any fill of the cache (a chunk size fixed by the
 # cache's slots would leave most programs idle while the cache is short). The new tokens, read
-# from k/v (not from the cache: the same launch writes them there), are attended to under the
-# tree mask either by one more split (TREE_SPLIT: short programs at decode, where the critical
-# path is one program's loads) or by the last split with prefix work (big trees: no extra
-# programs past one wave). A second kernel merges the partial results through their log-sum-exps.
+# from k/v, are attended to under the tree mask either by one more split (TREE_SPLIT: short
+# programs at decode, where the critical path is one program's loads) or by the last split with
+# prefix work (big trees: no extra programs past one wave). A second kernel merges the partial
+# results through their log-sum-exps and writes the new K/V into the cache.
 
 @triton.jit
 def _chunking(len_ptr, b, S, N_SPLITS, BLOCK_N: tl.constexpr, TREE_SPLIT: tl.constexpr):
@@ -142,7 +142,21 @@ def _chunking(len_ptr, b, S, N_SPLITS, BLOCK_N: tl.constexpr, TREE_SPLIT: tl.con
 
 
 @triton.jit
-def _softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
+def _prefix_step(q, k, v, m_i, l_i, acc, qk_scale, col_ok, MASKED: tl.constexpr):
+    # every row sees every valid prefix column, so the running max is finite from the first tile
+    # on and needs none of _tree_step's guards; the scale rides in the exponent's FMA
+    s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _tree_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
     s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     base = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row may see nothing in a tree tile
@@ -160,7 +174,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
     if PDL:  # launched while the previous kernel ends (kernels/pdl.py)
         pdl.wait()
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    cache_len, n, chunk, tree_split, parts = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N, TREE_SPLIT)
+    _, n, chunk, tree_split, parts = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N, TREE_SPLIT)
     lo = split * chunk          # the tree split (N_SPLITS) starts past n: no prefix work
     hi = tl.minimum(lo + chunk, n)
     tree = split == tree_split
@@ -172,13 +186,18 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
-            kv = bh * S * D + cols[:, None] * D + offs_d[None, :]
-            k = tl.load(kc_ptr + kv, mask=col_ok[:, None], other=0.0)
-            v = tl.load(vc_ptr + kv, mask=col_ok[:, None], other=0.0)
-            m_i, l_i, acc = _softmax_step(q, k, v, col_ok[None, :], m_i, l_i, acc, qk_scale)
+        offs_n = tl.arange(0, BLOCK_N)
+        tile = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
+        full = lo + (hi - lo) // BLOCK_N * BLOCK_N   # chunks are whole tiles: only n can cut one
+        for n0 in range(lo, full, BLOCK_N):
+            k = tl.load(kc_ptr + tile + n0 * D)
+            v = tl.load(vc_ptr + tile + n0 * D)
+            m_i, l_i, acc = _prefix_step(q, k, v, m_i, l_i, acc, qk_scale, offs_n, MASKED=False)
+        if full < hi:
+            col_ok = full + offs_n < hi
+            k = tl.load(kc_ptr + tile + full * D, mask=col_ok[:, None], other=0.0)
+            v = tl.load(vc_ptr + tile + full * D, mask=col_ok[:, None], other=0.0)
+            m_i, l_i, acc = _prefix_step(q, k, v, m_i, l_i, acc, qk_scale, col_ok, MASKED=True)
         if tree:
             for n0 in range(0, T, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
@@ -187,13 +206,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
                 k = tl.load(k_ptr + kv, mask=col_ok[:, None], other=0.0)
                 v = tl.load(v_ptr + kv, mask=col_ok[:, None], other=0.0)
                 allowed = tl.load(mask_ptr + (rows % T)[:, None] * T + cols[None, :], mask=col_ok[None, :], other=0)
-                if pid_m == 0:                              # one row block writes the cache
-                    slots = cache_len + cols
-                    ok = (col_ok & (slots < S))[:, None]
-                    cache = bh * S * D + slots[:, None] * D + offs_d[None, :]
-                    tl.store(kc_ptr + cache, k, mask=ok)
-                    tl.store(vc_ptr + cache, v, mask=ok)
-                m_i, l_i, acc = _softmax_step(q, k, v, allowed != 0, m_i, l_i, acc, qk_scale)
+                m_i, l_i, acc = _tree_step(q, k, v, allowed != 0, m_i, l_i, acc, qk_scale)
         part = bh * parts + split
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
@@ -202,15 +215,16 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
 
 
 @triton.jit
-def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, S, ROWS, N_SPLITS,
+def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, HKV, T, S, ROWS, N_SPLITS,
                         D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, TREE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, TREE_SPLIT: tl.constexpr,
+                        PDL: tl.constexpr = False):
     if PDL:  # launched while the split kernel ends (kernels/pdl.py)
         pdl.wait()
     # all partials of BLOCK_R rows x BLOCK_D columns in one [SPLITS, BLOCK_R, BLOCK_D] tile: one
     # round trip to memory, and (with the column split) enough programs to fill the GPU at decode
     pid_r, bh, pid_d = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    _, n, chunk, tree_split, parts = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N, TREE_SPLIT)
+    cache_len, n, chunk, tree_split, parts = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N, TREE_SPLIT)
     split = tl.arange(0, SPLITS)[:, None]
     rows = tl.minimum(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), ROWS - 1)[None, :]   # pad: repeat the last
     used = (split * chunk < n) | (split == tree_split)      # what the split kernel wrote
@@ -224,6 +238,17 @@ def _attn_reduce_kernel(o_ptr, lse_ptr, len_ptr, out_ptr, HKV, S, ROWS, N_SPLITS
     rows_out = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     tl.store(out_ptr + (bh * ROWS + rows_out)[:, None] * D + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(rows_out < ROWS)[:, None])
+    if pid_r == 0:
+        # the new K/V go into the cache here, not in the split kernel: it reads them from k / v
+        # and never the slots they land in, and storing them there would keep both tiles in
+        # registers through the tree step (spills)
+        t = tl.arange(0, BLOCK_T)
+        slots = cache_len + t
+        ok = ((t < T) & (slots < S))[:, None]
+        new = bh * T * D + t[:, None] * D + cols[None, :]
+        cache = bh * S * D + slots[:, None] * D + cols[None, :]
+        tl.store(kc_ptr + cache, tl.load(k_ptr + new, mask=ok), mask=ok)
+        tl.store(vc_ptr + cache, tl.load(v_ptr + new, mask=ok), mask=ok)
 
 
 # (BLOCK_M cap, BLOCK_N, num_warps, num_stages, prefix programs per SM, tree split), for Q tiles
@@ -279,8 +304,9 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     block_r = max(2, 64 // splits) if q.is_cuda else triton.next_power_of_2(rows)
     block_d = min(d, 32) if q.is_cuda else d
     _attn_reduce_kernel[(triton.cdiv(rows, block_r), b * hkv, d // block_d)](
-        o_part, lse_part, cache_len, out, hkv, slots, rows, n_splits, D=d, SPLITS=splits, BLOCK_R=block_r,
-        BLOCK_D=block_d, BLOCK_N=block_n, TREE_SPLIT=tree_split, num_warps=4, **launch)
+        o_part, lse_part, cache_len, out, k, v, k_cache[layer], v_cache[layer], hkv, t, slots, rows, n_splits,
+        D=d, SPLITS=splits, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=triton.next_power_of_2(t),
+        TREE_SPLIT=tree_split, num_warps=4, **launch)
     return out
 
 
