@@ -139,7 +139,7 @@ def attention_sweep():
         kind = "few_rows" if ba.HQ // ba.HKV * n <= 64 else "many_rows"
         if kind == "few_rows":
             plans = [(64, bn, 4, st, per_sm, ts) for bn, st, per_sm, ts
-                     in itertools.product((64, 128), (2, 3), (2, 4), (True, False))]
+                     in itertools.product((64, 128), (2, 3), (2, 3, 4), (True, False))]
         else:
             plans = [(64, 64, 4, 3, 1, True), (64, 64, 4, 3, 2, False), (64, 64, 4, 2, 2, False),
                      (64, 128, 4, 2, 1, False), (128, 64, 8, 3, 1, False), (128, 64, 8, 2, 1, False),

@@ -199,7 +199,9 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
             v = tl.load(vc_ptr + tile + full * D, mask=col_ok[:, None], other=0.0)
             m_i, l_i, acc = _prefix_step(q, k, v, m_i, l_i, acc, qk_scale, col_ok, MASKED=True)
         if tree:
-            for n0 in range(0, T, BLOCK_N):
+            # one or two tiles: a software pipeline would hide nothing and take shared memory
+            # (64-row plans then fit 1 program per SM instead of 2)
+            for n0 in tl.range(0, T, BLOCK_N, num_stages=1):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < T
                 kv = bh * T * D + cols[:, None] * D + offs_d[None, :]

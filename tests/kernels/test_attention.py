@@ -63,6 +63,22 @@ def test_triton_matches_reference(case):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+
+@pytest.mark.gpu
+@settings(max_examples=20, deadline=None)
+@given(trees(), st.integers(1, 2), st.integers(0, 9000), st.sampled_from([torch.float16, torch.bfloat16]),
+       st.integers(0, 2**16))
+def test_triton_on_gpu_at_llama_shapes(parent, b, prefix, dtype, seed):
+    """The compiled kernels with the shipped launch plans (the CPU test above interprets small
+    heads): Llama-3-8B heads (32 query, 8 KV, dim 128), long prefixes, bf16 too."""
+    q, k, v, k_cache, v_cache, cache_len, mask = make_inputs(
+        parent, b, 8, 4, [prefix, prefix // 3][:b], prefix + len(parent) + 5, 128, dtype, seed)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    want = attention_reference(q, k, v, k_ref, v_ref, 1, cache_len, mask, 128 ** -0.5)
+    got = attention_triton(q, k, v, k_cache, v_cache, 1, cache_len, mask, 128 ** -0.5)
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
 @settings(max_examples=15, deadline=None)
 @given(st.integers(1, 12), st.integers(0, 40), st.sampled_from([1, 2, 4]), st.integers(0, 2**16))
 def test_reference_chain_is_per_token_causal(t, prefix, groups, seed):
