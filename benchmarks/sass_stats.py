@@ -27,13 +27,18 @@ BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SHOWN = ("LOP3", "SHF", "PRMT", "HADD2", "FFMA", "HMMA", "HGMMA", "LDG", "LDGSTS", "STS", "LDS", "BAR")
 
 
-def compile_kernel(fn, pointers: dict, consts: dict, cfg: dict, arch: int):
-    """triton.compile ``fn`` for sm_<arch>: ``pointers`` (name -> element type) first, then the i32
-    scalars M, N, K, stride_xm, stride_ym, tiles_per_split, then ``consts``; every pointer and
-    every scalar but M and tiles_per_split is declared 16-divisible, as the launchers pass them."""
+GEMM_SCALARS = {name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split")}
+
+
+def compile_kernel(fn, pointers: dict, consts: dict, cfg: dict, arch: int, scalars=GEMM_SCALARS,
+                   unaligned=("M", "tiles_per_split")):
+    """triton.compile ``fn`` for sm_<arch>: ``pointers`` (name -> element type) first, then
+    ``scalars`` (name -> type; the GEMM launchers' M, N, K, strides and tiles_per_split by
+    default), then ``consts``; every pointer and every scalar not in ``unaligned`` is declared
+    16-divisible, as the launchers pass them."""
     sig = {name: f"*{t}" for name, t in pointers.items()}
-    sig.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "tiles_per_split"), "i32"))
-    aligned = [i for i, name in enumerate(sig) if name not in ("M", "tiles_per_split")]
+    sig.update(scalars)
+    aligned = [i for i, name in enumerate(sig) if name not in unaligned]
     sig.update(dict.fromkeys(consts, "constexpr"))
     src = ASTSource(fn=fn, signature=sig, constexprs=consts,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
@@ -64,18 +69,18 @@ def sass_stats(compiled):
                              text=True, check=True).stdout
     ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M))
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
-    return int(regs), int(stack), ops, loop_length(sass)
+    return int(regs), int(stack), ops, loops(sass)
 
 
-def loop_length(sass: str) -> int:
-    """Instructions in the longest backward branch's body (the K loop), per warp and iteration."""
+def loops(sass: str) -> list:
+    """Instructions in each backward branch's body (a loop), per warp and iteration, in code order."""
     addrs = [int(a, 16) for a in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/", sass, re.M)]
-    longest = 0
+    bodies = []
     for at, target in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/[^\n]*BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass, re.M):
         at, target = int(at, 16), int(target, 16)
         if target < at:
-            longest = max(longest, sum(target <= a <= at for a in addrs))
-    return longest
+            bodies.append((target, sum(target <= a <= at for a in addrs)))
+    return [length for _, length in sorted(bodies)]
 
 
 def main():
@@ -95,7 +100,8 @@ def main():
                 continue
             seen.add(key)
             compiled = compile_config(cfg, args.arch, k=args.k, dot_order=args.dot_order)
-            regs, stack, ops, loop = sass_stats(compiled)
+            regs, stack, ops, body = sass_stats(compiled)
+            loop = max(body, default=0)
             per_weight = loop * 32 * cfg["num_warps"] / (cfg["BLOCK_N"] * cfg["BLOCK_K"])
             name = (f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} "
                     f"w{cfg['num_warps']} s{cfg['num_stages']} split{'>1' if cfg['SPLIT_K'] > 1 else '=1'}"

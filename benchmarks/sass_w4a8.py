@@ -43,7 +43,8 @@ def main():
         for cfg in w4a8.candidate_configs(m, 4096, 4096):
             if cfg["SPLIT_K"] > 1:
                 continue
-            regs, stack, ops, loop = sass_stats(compile_config(cfg, args.arch, args.group, dot_order=args.dot_order))
+            regs, stack, ops, body = sass_stats(compile_config(cfg, args.arch, args.group, dot_order=args.dot_order))
+            loop = max(body, default=0)
             name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
                     f"s{cfg['num_stages']}" + (" A=W" if cfg["WEIGHTS_AS_A"] else ""))
             print(f"{name:<36} {regs:>4} {stack:>5} {loop:>5} " + " ".join(f"{ops[o]:>6}" for o in SHOWN),
