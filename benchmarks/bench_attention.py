@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from hsd.kernels.attention import LAUNCH_PLANS, ancestor_mask, attention_reference, attention_triton
+from hsd.kernels.attention import LAUNCH_PLANS, ancestor_mask, attention_reference, attention_triton, pack_tree_mask
 from hsd.kernels.timing import bench_stream_us, copy_tbs, stream_copies
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.float16
@@ -63,7 +63,8 @@ def call(method: str, inputs, prefix: int, tree_mask, scale: float):
     """A zero-arg call of ``method`` on ``inputs`` (what ``make_inputs`` returns)."""
     q, k, v, k_cache, v_cache, cache_len = inputs
     if method == "triton":
-        return lambda: attention_triton(q, k, v, k_cache, v_cache, 0, cache_len, tree_mask, scale)
+        bits = pack_tree_mask(tree_mask)
+        return lambda: attention_triton(q, k, v, k_cache, v_cache, 0, cache_len, bits, scale)
     return lambda: sdpa(q, k, v, k_cache, v_cache, prefix, tree_mask, method == "hf")
 
 
@@ -106,8 +107,9 @@ def main():
             for form, tree_mask in masks(n).items():
                 q, k, v, k_cache, v_cache, cache_len = make_inputs(prefix, n)
                 kr, vr = k_cache.clone(), v_cache.clone()
-                want = attention_reference(q, k, v, kr, vr, 0, cache_len, tree_mask, scale)
-                got = attention_triton(q, k, v, k_cache, v_cache, 0, cache_len, tree_mask, scale)
+                bits = pack_tree_mask(tree_mask)
+                want = attention_reference(q, k, v, kr, vr, 0, cache_len, bits, scale)
+                got = attention_triton(q, k, v, k_cache, v_cache, 0, cache_len, bits, scale)
                 err = (got.float() - want.float()).abs().max().item()
                 assert err < 2e-2 and torch.equal(k_cache, kr) and torch.equal(v_cache, vr), (prefix, n, form, err)
                 for repeat in (True, False):

@@ -39,7 +39,7 @@ def chain_check():
                           num_stages=3, WEIGHTS_AS_A=True)]
     x0 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     q, k, v, kc, vc, cache_len = ba.make_inputs(2048, 1)
-    tree = ba.masks(1)["tree"]
+    tree = attention.pack_tree_mask(ba.masks(1)["tree"])
 
     def step():
         x = x0

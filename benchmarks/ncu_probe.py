@@ -19,5 +19,5 @@ for n, k in ((4096, 4096), (28672, 4096)):
     for cfg in (None, dict(KERNEL="gemv", BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, SPLIT_K=8, num_warps=4, num_stages=3)):
         w4a16.w4a16_linear_triton(x, qw, s, None, None, 128, cfg)
 q, k, v, kc, vc, cache_len = ba.make_inputs(8192, 1)
-attention.attention_triton(q, k, v, kc, vc, 0, cache_len, ba.masks(1)["tree"], ba.D ** -0.5)
+attention.attention_triton(q, k, v, kc, vc, 0, cache_len, attention.pack_tree_mask(ba.masks(1)["tree"]), ba.D ** -0.5)
 torch.cuda.synchronize()

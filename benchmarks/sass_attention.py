@@ -26,7 +26,7 @@ MANY_ROW_CANDIDATES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 3), (128, 1
 
 def compile_plan(block_m, block_n, num_warps, num_stages, arch=90, tree_split=False):
     ptrs = dict(q_ptr="fp16", k_ptr="fp16", v_ptr="fp16", kc_ptr="fp16", vc_ptr="fp16", len_ptr="i32",
-                mask_ptr="u8", o_ptr="fp32", lse_ptr="fp32")
+                bits_ptr="i32", o_ptr="fp32", lse_ptr="fp32")
     consts = dict(D=128, BLOCK_M=block_m, BLOCK_N=block_n, TREE_SPLIT=tree_split)
     return compile_kernel(attention._attn_split_kernel, ptrs, consts,
                           dict(num_warps=num_warps, num_stages=num_stages), arch,

@@ -112,7 +112,7 @@ def w4a16_per_linear(flush):
     return rows
 
 
-def split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale):
+def split_only_us(q, k, v, kc, vc, cache_len, tree_bits, scale):
     b, hq, t, d = q.shape
     hkv, slots = kc.shape[2], kc.shape[3]
     rows = hq // hkv * t
@@ -123,7 +123,7 @@ def split_only_us(q, k, v, kc, vc, cache_len, tree_mask, scale):
 
     def run():
         attention._attn_split_kernel[(triton.cdiv(rows, block_m), parts, b * hkv)](
-            q, k, v, kc[0], vc[0], cache_len, tree_mask.view(torch.uint8), o, lse, scale * attention._LOG2E,
+            q, k, v, kc[0], vc[0], cache_len, tree_bits, o, lse, scale * attention._LOG2E,
             hkv, t, slots, rows, n_splits, D=d, BLOCK_M=block_m, BLOCK_N=block_n, TREE_SPLIT=tree_split,
             num_warps=warps, num_stages=stages)
     return run
@@ -136,6 +136,7 @@ def attention_sweep():
     for prefix, n in ((2048, 1), (8192, 1), (2048, 64), (8192, 64)):
         q, k, v, kc, vc, cache_len = ba.make_inputs(prefix, n)
         tree_mask = ba.masks(n)["tree"]
+        bits = attention.pack_tree_mask(tree_mask)
         kind = "few_rows" if ba.HQ // ba.HKV * n <= 64 else "many_rows"
         if kind == "few_rows":
             plans = [(64, bn, 4, st, per_sm, ts) for bn, st, per_sm, ts
@@ -146,16 +147,16 @@ def attention_sweep():
                      (128, 128, 8, 2, 1, False), (64, 64, 4, 3, 3, False)]
         plans = [default[kind]] + plans
         kr, vr = kc.clone(), vc.clone()
-        want = attention.attention_reference(q, k, v, kr, vr, 0, cache_len, tree_mask, scale)
+        want = attention.attention_reference(q, k, v, kr, vr, 0, cache_len, bits, scale)
         caches = [ba.make_inputs(prefix, n) for _ in range(stream_copies(4 * ba.HKV * prefix * ba.D))]
         for plan in dict.fromkeys(plans):
             attention.LAUNCH_PLANS[kind] = plan
             attention._split_plan.cache_clear()
             try:
-                got = attention.attention_triton(q, k, v, kc, vc, 0, cache_len, tree_mask, scale)
+                got = attention.attention_triton(q, k, v, kc, vc, 0, cache_len, bits, scale)
                 err = (got.float() - want.float()).abs().max().item()
                 us = bench_stream_us([ba.call("triton", c, prefix, tree_mask, scale) for c in caches])
-                split = bench_stream_us([split_only_us(*c, tree_mask, scale) for c in caches])
+                split = bench_stream_us([split_only_us(*c, bits, scale) for c in caches])
             except Exception as e:  # out of resources: not a candidate
                 print(f"attention prefix={prefix} nodes={n} plan={plan}: {type(e).__name__} {str(e)[:120]}")
                 continue

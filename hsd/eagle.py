@@ -23,7 +23,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from hsd.kernels import w4a16
-from hsd.kernels.attention import MAX_NEW_TOKENS
+from hsd.kernels.attention import MAX_NEW_TOKENS, pack_tree_mask
 from hsd.kv_cache import KVCache
 from hsd.lowering.cuda_graphs import GraphedStep
 
@@ -60,7 +60,7 @@ class _Attention(nn.Module):
             v = torch.cat([cache.v[0].gather(2, index), v], 2)
             q = torch.cat([q.new_zeros(b, self.heads, earlier, d), q], 2)
         out = torch.ops.hsd.attention(q.contiguous(), k.contiguous(), v.contiguous(), cache.k, cache.v, 0,
-                                      cache.length, tree_mask, d ** -0.5)
+                                      cache.length, pack_tree_mask(tree_mask), d ** -0.5)
         return self.o_proj(out[:, :, earlier:].transpose(1, 2).reshape(b, t, -1))
 
 

@@ -4,7 +4,9 @@ One op serves prefill (causal block), decode (one token), chain verification (k 
 and tree verification (n nodes). For layer ``layer`` it
   1. writes the new k/v [B, Hkv, T, D] into cache slots cache_len[b] .. cache_len[b] + T - 1,
   2. lets new token t attend to every cached slot s < cache_len[b] and to new token u
-     where tree_mask[t, u] (the causal mask for a chain, the ancestor mask for a tree).
+     where tree_mask[t, u] (the causal mask for a chain, the ancestor mask for a tree), given
+     packed: ``tree_bits`` [T, ceil(T / 32)] int32, bit u % 32 of word u // 32 in row t
+     (``pack_tree_mask``: each node's ancestors in T / 8 bytes).
 cache_len is NOT advanced here: the scheduler decides how many tokens are kept.
 Cache layout: k_cache, v_cache [L, B, Hkv, S, D]. q is [B, Hq, T, D], Hq a multiple of Hkv.
 
@@ -47,6 +49,22 @@ def ancestor_mask(parent: torch.Tensor, check: bool = True) -> torch.Tensor:
     return reach
 
 
+def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [T, T] -> int32 [T, ceil(T / 32)]: bit j of word w in row t is mask[t, 32 w + j]
+    (torch ops only, so a captured graph packs its step's mask in one fused kernel)."""
+    t = mask.shape[-1]
+    words = -(-t // 32)
+    bits = torch.nn.functional.pad(mask.to(torch.int32), (0, 32 * words - t)).view(*mask.shape[:-1], words, 32)
+    # distinct powers of two: the int32 sum is an OR, bit 31 included (two's complement)
+    return (bits << torch.arange(32, dtype=torch.int32, device=mask.device)).sum(-1, dtype=torch.int32)
+
+
+def unpack_tree_mask(bits: torch.Tensor, t: int) -> torch.Tensor:
+    """int32 [T, ceil(T / 32)] -> bool [T, T], the inverse of ``pack_tree_mask``."""
+    u = torch.arange(t, device=bits.device)
+    return ((bits[..., u // 32] >> (u % 32)) & 1).bool()
+
+
 def check_bounds(cache_len: torch.Tensor, new_tokens: int, slots: int):
     """Raise ValueError unless 0 <= cache_len[b] and cache_len[b] + new_tokens <= slots for every b.
     One device->host read: call it outside CUDA graph capture."""
@@ -55,7 +73,7 @@ def check_bounds(cache_len: torch.Tensor, new_tokens: int, slots: int):
         raise ValueError(f"cache_len in [{lo}, {hi}] + {new_tokens} new tokens must fit in {slots} cache slots")
 
 
-def validate(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, dtypes=_DTYPES):
+def validate(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_bits, dtypes=_DTYPES):
     """Shape, dtype and layout checks of the attention op (host only; see the module doc)."""
     if q.dim() != 4 or k_cache.dim() != 5:
         raise ValueError(f"want q [B, Hq, T, D] and caches [L, B, Hkv, S, D], got {tuple(q.shape)}, {tuple(k_cache.shape)}")
@@ -67,16 +85,17 @@ def validate(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, dtypes
             or k_cache.shape[1] != b or k_cache.shape[4] != d or hq % hkv:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"caches {tuple(k_cache.shape)} {tuple(v_cache.shape)}")
-    if tree_mask.shape != (t, t) or tree_mask.dtype != torch.bool:
-        raise ValueError(f"tree_mask must be bool [{t}, {t}], got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+    if tree_bits.shape != (t, -(-t // 32)) or tree_bits.dtype != torch.int32:
+        raise ValueError(f"tree_bits must be int32 [{t}, {-(-t // 32)}] (pack_tree_mask of the [{t}, {t}] mask), "
+                         f"got {tree_bits.dtype} {tuple(tree_bits.shape)}")
     if cache_len.shape != (b,) or cache_len.dtype != torch.int32:
         raise ValueError(f"cache_len must be int32 [{b}], got {cache_len.dtype} {tuple(cache_len.shape)}")
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range for {n_layers} layers")
     if any(x.dtype != q.dtype for x in (k, v, k_cache, v_cache)) or q.dtype not in dtypes:
         raise ValueError(f"q, k, v and the caches must share one of {dtypes}")
-    if not all(x.is_contiguous() for x in (q, k, v, k_cache, v_cache, tree_mask)):
-        raise ValueError("q, k, v, the caches and tree_mask must be contiguous")
+    if not all(x.is_contiguous() for x in (q, k, v, k_cache, v_cache, tree_bits)):
+        raise ValueError("q, k, v, the caches and tree_bits must be contiguous")
     if cache_len.device.type == "cpu":
         check_bounds(cache_len, t, slots)
 
@@ -99,8 +118,8 @@ def write_kv(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torc
 
 
 @registry.register("attention", "cpu", "reference")
-def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float):
-    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask, dtypes=(*_DTYPES, torch.float64))
+def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_bits, scale: float):
+    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_bits, dtypes=(*_DTYPES, torch.float64))
     write_kv(k_cache, layer, k, cache_len)
     write_kv(v_cache, layer, v, cache_len)
     b, hq, t, d = q.shape
@@ -109,7 +128,7 @@ def attention_reference(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_m
     kc, vc = k_cache[layer].to(acc), v_cache[layer].to(acc)                    # [B, Hkv, S, D]
     qg = q.to(acc).reshape(b, hkv, hq // hkv, t, d)
     scores = (qg @ kc.unsqueeze(2).transpose(-1, -2)) * scale                 # [B, Hkv, G, T, S]
-    mask = visible_mask(cache_len, tree_mask, slots)[:, None, None]             # [B, 1, 1, T, S]
+    mask = visible_mask(cache_len, unpack_tree_mask(tree_bits, t), slots)[:, None, None]   # [B, 1, 1, T, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     out = probs @ vc.unsqueeze(2)
     return out.reshape(b, hq, t, d).to(q.dtype)
@@ -167,7 +186,7 @@ def _tree_step(q, k, v, visible, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o_ptr, lse_ptr,
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, bits_ptr, o_ptr, lse_ptr,
                        qk_scale, HKV, T, S, ROWS, N_SPLITS,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        TREE_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
@@ -207,8 +226,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, o
                 kv = bh * T * D + cols[:, None] * D + offs_d[None, :]
                 k = tl.load(k_ptr + kv, mask=col_ok[:, None], other=0.0)
                 v = tl.load(v_ptr + kv, mask=col_ok[:, None], other=0.0)
-                allowed = tl.load(mask_ptr + (rows % T)[:, None] * T + cols[None, :], mask=col_ok[None, :], other=0)
-                m_i, l_i, acc = _tree_step(q, k, v, allowed != 0, m_i, l_i, acc, qk_scale)
+                words = tl.load(bits_ptr + (rows % T)[:, None] * tl.cdiv(T, 32) + (cols // 32)[None, :],
+                                mask=col_ok[None, :], other=0)
+                allowed = ((words >> (cols % 32)[None, :]) & 1) != 0
+                m_i, l_i, acc = _tree_step(q, k, v, allowed, m_i, l_i, acc, qk_scale)
         part = bh * parts + split
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(o_ptr + part * ROWS * D + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
@@ -281,11 +302,11 @@ def _split_plan(rows: int, slots: int, groups: int, device: torch.device, n_spli
 
 @registry.register("attention", "cuda", "triton", default=True)
 @registry.register("attention", "cpu", "triton")  # CPU only under TRITON_INTERPRET=1
-def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask, scale: float, n_splits=None,
+def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_bits, scale: float, n_splits=None,
                      tree_split=None):
     """``n_splits`` (how many programs share each prefix) and ``tree_split`` override the plan;
     tests use them."""
-    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask)
+    validate(q, k, v, k_cache, v_cache, layer, cache_len, tree_bits)
     b, hq, t, d = q.shape
     hkv, slots = k_cache.shape[2], k_cache.shape[3]
     assert d >= 16 and d == triton.next_power_of_2(d), f"head dim {d} must be a power of two >= 16"
@@ -296,7 +317,7 @@ def attention_triton(q, k, v, k_cache, v_cache, layer: int, cache_len, tree_mask
     o_part = torch.empty((b * hkv, parts, rows, d), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * hkv, parts, rows), device=q.device, dtype=torch.float32)
     _attn_split_kernel[(triton.cdiv(rows, block_m), parts, b * hkv)](
-        q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_mask.view(torch.uint8), o_part, lse_part,
+        q, k, v, k_cache[layer], v_cache[layer], cache_len, tree_bits, o_part, lse_part,
         scale * _LOG2E, hkv, t, slots, rows, n_splits, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
         TREE_SPLIT=tree_split, num_warps=warps, num_stages=stages, **launch)
     out = torch.empty_like(q)

@@ -62,15 +62,15 @@ def _(x, kind, dot_order=False):
 @torch.library.custom_op("hsd::attention", mutates_args=("k_cache", "v_cache"))
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, layer: int, cache_len: torch.Tensor,
-              tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+              tree_bits: torch.Tensor, scale: float) -> torch.Tensor:
     # graphs hand over q/k/v as transposed views; the kernels want [B, H, T, D] rows (a small copy)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return registry.lookup("attention", q.device.type)(q, k, v, k_cache, v_cache, layer,
-                                                       cache_len, tree_mask, scale)
+                                                       cache_len, tree_bits, scale)
 
 
 @attention.register_fake
-def _(q, k, v, k_cache, v_cache, layer, cache_len, tree_mask, scale):
+def _(q, k, v, k_cache, v_cache, layer, cache_len, tree_bits, scale):
     return q.new_empty(q.shape)  # contiguous [B, Hq, T, D], whatever q's strides
 
 

@@ -4,6 +4,7 @@ import operator
 import torch
 import torch.fx
 
+from hsd.kernels.attention import pack_tree_mask
 from hsd.passes.base import Pass
 
 STEP_INPUTS = ("input_ids", "position_ids", "cache_len", "tree_mask", "k_cache", "v_cache")
@@ -28,9 +29,10 @@ class RewriteAttention(Pass):
     """Matches every ``scaled_dot_product_attention`` node of the captured (cache-less) forward,
     in both GQA forms (K/V repeated with ``repeat_kv``, or ``enable_gqa=True``), with whatever
     mask transformers built in-graph. Emits ``hsd::attention(q, k, v, k_cache, v_cache, layer,
-    cache_len, tree_mask, scale)``, which writes the new K/V into the static cache and attends
+    cache_len, tree_bits, scale)``, which writes the new K/V into the static cache and attends
     over the cached prefix plus the tree (or causal) block. Adds the step inputs ``cache_len``,
-    ``tree_mask``, ``k_cache``, ``v_cache`` as placeholders; the dead mask code is removed.
+    ``tree_mask`` (bool [T, T]), ``k_cache``, ``v_cache`` as placeholders and one
+    ``pack_tree_mask`` node (``tree_bits``, shared by every layer); the dead mask code is removed.
     """
     name = "rewrite_attention"
 
@@ -44,6 +46,8 @@ class RewriteAttention(Pass):
             new_inputs = {}
             for name in reversed(STEP_INPUTS[2:]):
                 new_inputs[name] = graph.placeholder(name)
+        with graph.inserting_after(new_inputs["v_cache"]):
+            tree_bits = graph.call_function(pack_tree_mask, (new_inputs["tree_mask"],))
         for layer, node in enumerate(nodes):
             q, k, v = node.args[:3]
             if node.kwargs.get("dropout_p", 0.0) not in (0.0, None):
@@ -54,7 +58,7 @@ class RewriteAttention(Pass):
             with graph.inserting_before(node):
                 out = graph.call_function(torch.ops.hsd.attention.default, (
                     q, _unrepeat_kv(k), _unrepeat_kv(v), new_inputs["k_cache"], new_inputs["v_cache"],
-                    layer, new_inputs["cache_len"], new_inputs["tree_mask"], float(scale)))
+                    layer, new_inputs["cache_len"], tree_bits, float(scale)))
             out.meta.update(node.meta)
             node.replace_all_uses_with(out)
             graph.erase_node(node)

@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from hsd.kernels import ops, registry  # noqa: F401  (ops registers torch.ops.hsd.*)
 from hsd.kernels.attention import (MAX_NEW_TOKENS, ancestor_mask, attention_reference, attention_triton,
-                                   check_bounds, compact_kv_reference, compact_kv_triton)
+                                   check_bounds, compact_kv_reference, compact_kv_triton, pack_tree_mask,
+                                   unpack_tree_mask)
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 # fp32 tl.dot is tf32 on the GPU
@@ -45,7 +46,7 @@ def make_inputs(parent, b, hkv, groups, prefixes, slots, d, dtype, seed, layers=
     q, k, v = rand(b, hkv * groups, t, d), rand(b, hkv, t, d), rand(b, hkv, t, d)
     k_cache, v_cache = rand(layers, b, hkv, slots, d), rand(layers, b, hkv, slots, d)
     cache_len = torch.tensor(prefixes, dtype=torch.int32, device=DEVICE)
-    return q, k, v, k_cache, v_cache, cache_len, ancestor_mask(torch.tensor(parent)).to(DEVICE)
+    return q, k, v, k_cache, v_cache, cache_len, pack_tree_mask(ancestor_mask(torch.tensor(parent)).to(DEVICE))
 
 
 @settings(max_examples=60, deadline=None)
@@ -88,7 +89,7 @@ def test_reference_chain_is_per_token_causal(t, prefix, groups, seed):
         [-1] + list(range(t - 1)), 1, hkv, groups, [prefix], prefix + t + 3, d, torch.float32, seed)
     keys = torch.cat([k_cache[1, 0, :, :prefix], k[0]], 1).cpu().double()   # [Hkv, prefix + t, D]
     values = torch.cat([v_cache[1, 0, :, :prefix], v[0]], 1).cpu().double()
-    causal = torch.ones(t, t, dtype=torch.bool, device=DEVICE).tril()
+    causal = pack_tree_mask(torch.ones(t, t, dtype=torch.bool, device=DEVICE).tril())
     out = attention_reference(q, k, v, k_cache, v_cache, 1, cache_len, causal, d ** -0.5).cpu()
     for h in range(hkv * groups):
         for i in range(t):
@@ -150,6 +151,26 @@ def test_ops_under_compile_use_triton():
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, MAX_NEW_TOKENS), st.integers(0, 2**16))
+def test_pack_tree_mask_round_trip(t, seed):
+    mask = torch.rand(t, t, generator=torch.Generator().manual_seed(seed)) < 0.5
+    bits = pack_tree_mask(mask)
+    assert bits.dtype == torch.int32 and bits.shape == (t, -(-t // 32))
+    assert torch.equal(unpack_tree_mask(bits, t), mask)
+    u = torch.arange(t)
+    assert torch.equal(mask, (bits[:, u // 32].long() >> (u % 32) & 1).bool())   # bit u % 32 of word u // 32
+
+
+def test_bad_tree_bits_are_refused():
+    q, k, v, k_cache, v_cache, cache_len, bits = make_inputs([-1, 0, 1], 1, 1, 1, [5], 20, 16, torch.float32, 0)
+    before = k_cache.clone()
+    for bad in (torch.ones(3, 3, dtype=torch.bool, device=DEVICE), bits.long(), bits[:2]):
+        with pytest.raises(ValueError, match="tree_bits"):
+            attention_triton(q, k, v, k_cache, v_cache, 0, cache_len, bad, 0.25)
+    assert torch.equal(k_cache, before)
+
+
 @pytest.mark.parametrize("parent", [[-1, 1], [-1, 0, 3, 1], [0, 0], [-1, -1]])
 def test_ancestor_mask_rejects_bad_parents(parent):
     with pytest.raises(ValueError, match="parent"):
@@ -161,7 +182,7 @@ def test_ancestor_mask_rejects_bad_parents(parent):
 def test_bad_attention_input_raises_before_writing(impl, t, prefix, slots):
     q, k, v, k_cache, v_cache, cache_len, _ = make_inputs([-1] + list(range(t - 1)), 1, 1, 1, [prefix], slots,
                                                           16, torch.float32, 0)
-    mask = torch.ones(t, t, dtype=torch.bool, device=DEVICE).tril()
+    mask = pack_tree_mask(torch.ones(t, t, dtype=torch.bool, device=DEVICE).tril())
     before = k_cache.clone(), v_cache.clone()
     if t <= MAX_NEW_TOKENS:
         with pytest.raises(ValueError, match="cache slots"):

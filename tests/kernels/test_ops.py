@@ -2,6 +2,7 @@
 import torch
 
 from hsd.kernels import w4a16
+from hsd.kernels.attention import pack_tree_mask
 
 
 def test_w4a16_linear_opcheck():
@@ -17,7 +18,7 @@ def test_attention_opcheck():
     k, v = torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
     cache = [torch.randn(2, b, hkv, slots, d) for _ in range(2)]
     args = (q, k, v, *cache, 1, torch.tensor([4, 0], dtype=torch.int32),
-            torch.ones(t, t, dtype=torch.bool).tril(), d ** -0.5)
+            pack_tree_mask(torch.ones(t, t, dtype=torch.bool).tril()), d ** -0.5)
     torch.library.opcheck(torch.ops.hsd.attention.default, args)
 
 

@@ -23,7 +23,7 @@ def _chain(x, weights, kv):
     k, v, kc, vc, cache_len = kv
     q = x.view(1, 8, 1, 512 // 8)
     return attention.attention_triton(q, k, v, kc, vc, 0, cache_len,
-                                      torch.ones(1, 1, dtype=torch.bool, device="cuda"), 0.125)
+                                      torch.ones(1, 1, dtype=torch.int32, device="cuda"), 0.125)
 
 
 @pytest.mark.gpu
