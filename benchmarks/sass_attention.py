@@ -21,7 +21,7 @@ from sass_stats import compile_kernel, sass_stats  # noqa: E402
 
 SHOWN = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "IMAD", "LDGSTS", "LDS", "STS", "BAR")
 SCALARS = dict(qk_scale="fp32", HKV="i32", T="i32", S="i32", ROWS="i32", N_SPLITS="i32")
-MANY_ROW_CANDIDATES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2))
+MANY_ROW_CANDIDATES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 16, 2))
 
 
 def compile_plan(block_m, block_n, num_warps, num_stages, arch=90, tree_split=False):

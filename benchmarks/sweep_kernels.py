@@ -144,7 +144,8 @@ def attention_sweep():
         else:
             plans = [(64, 64, 4, 3, 1, True), (64, 64, 4, 3, 2, False), (64, 64, 4, 2, 2, False),
                      (64, 128, 4, 2, 1, False), (128, 64, 8, 3, 1, False), (128, 64, 8, 2, 1, False),
-                     (128, 128, 8, 2, 1, False), (64, 64, 4, 3, 3, False)]
+                     (128, 128, 8, 2, 1, False), (64, 64, 4, 3, 3, False),
+                     (256, 64, 16, 2, 1, False)]   # one row block per KV head: K/V leave L2 once
         plans = [default[kind]] + plans
         kr, vr = kc.clone(), vc.clone()
         want = attention.attention_reference(q, k, v, kr, vr, 0, cache_len, bits, scale)
