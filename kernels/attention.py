@@ -195,7 +195,7 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, len_ptr, bits_ptr, o
     pid_m, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     _, n, chunk, tree_split, parts = _chunking(len_ptr, bh // HKV, S, N_SPLITS, BLOCK_N, TREE_SPLIT)
     lo = split * chunk          # the tree split (N_SPLITS) starts past n: no prefix work
-    hi = tl.minimum(lo + chunk, n)
+    hi = tl.maximum(tl.minimum(lo + chunk, n), lo)
     tree = split == tree_split
     if (lo < hi) | tree:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
