@@ -4,9 +4,9 @@ One op serves prefill (causal block), decode (one token), chain verification (k 
 and tree verification (n nodes). For layer ``layer`` it
   1. writes the new k/v [B, Hkv, T, D] into cache slots cache_len[b] .. cache_len[b] + T - 1,
   2. lets new token t attend to every cached slot s < cache_len[b] and to new token u
-     where tree_mask[t, u] (the causal mask for a chain, the ancestor mask for a tree), given
-     packed: ``tree_bits`` [T, ceil(T / 32)] int32, bit u % 32 of word u // 32 in row t
-     (``pack_tree_mask``: each node's ancestors in T / 8 bytes).
+     where tree_mask[t, u] (the causal mask for a chain, the ancestor mask for a tree). The op
+     takes that mask packed, ``tree_bits`` int32 [T, ceil(T / 32)]: bit u % 32 of word u // 32
+     in row t (``pack_tree_mask``; each node's ancestors in T / 8 bytes).
 cache_len is NOT advanced here: the scheduler decides how many tokens are kept.
 Cache layout: k_cache, v_cache [L, B, Hkv, S, D]. q is [B, Hq, T, D], Hq a multiple of Hkv.
 
