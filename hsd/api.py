@@ -2,6 +2,7 @@
 import torch
 
 from hsd import calibration as hsd_calibration
+from hsd import checkpoint
 from hsd.capture import check_supported
 from hsd import spec as hsd_spec
 from hsd.engine import Engine
@@ -57,9 +58,14 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if max_seq_len < 1 or batch_size < 1 or prefill_chunk < 1:
         raise ValueError("max_seq_len, batch_size and prefill_chunk must be positive")
+    if isinstance(model_or_path, torch.nn.Module) or checkpoint.quantization_config(model_or_path) is None:
+        model = _load(model_or_path, dtype)
+    else:
+        quant = _checkpoint_quant(quant, weights, spec, spec_config)
+        dtype, device = dtype or torch.float16, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, weights, group_size = checkpoint.load(model_or_path, device, dtype)
     _check_quantizer(quantizer, quant, calibration, act_order)
     user_passes = [as_pass(p) for p in passes]
-    model = _load(model_or_path, dtype)
     check_supported(model.config, max_seq_len)
     model.eval()
     model.set_attn_implementation("sdpa")  # RewriteAttention matches the SDPA node
@@ -105,6 +111,18 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
                        fuse=fuse, backend=backend, quantizer=quantizer if quant else "rtn",
                        calibration=calibration, act_order=act_order and bool(quant))
     return hsd_spec.build(spec, engine, draft, spec_config, compile_model, intermediate)
+
+
+def _checkpoint_quant(quant, weights, spec, spec_config) -> str:
+    """The scheme a 4-bit GPTQ checkpoint runs as (W4A16 unless W4A8 is asked for), checked."""
+    if weights is not None:
+        raise ValueError("weights= is for a model built on the meta device; a checkpoint path brings its own")
+    quant = quant or "w4a16"
+    if quant not in ("w4a16", "w4a8") or _rotates(quant, spec, spec_config):
+        raise ValueError(f"a 4-bit GPTQ checkpoint runs as quant='w4a16' or 'w4a8' (its weights as stored), got "
+                         f"quant={quant!r}" + (" with QSpec's 4-bit drafts, which need Hadamard-rotated weights "
+                                              "(QSpecConfig(act_bits=8) drafts from these)" if spec == "qspec" else ""))
+    return quant
 
 
 def _rotates(quant, spec, spec_config) -> bool:

@@ -94,6 +94,63 @@ def fake_quantized(model, group_size: int = 128, symmetric: bool = True):
     return model
 
 
+def save_gptq_checkpoint(model, path, group_size: int = 128, symmetric: bool = True,
+                         checkpoint_format: str = "gptq", quantize_lm_head: bool = False, shards: int = 1) -> dict:
+    """Write ``model`` as a 4-bit GPTQ checkpoint (round-to-nearest weights in AutoGPTQ's
+    layout, ``hsd.checkpoint``'s docstring; "gptq" stores zero - 1, "gptq_v2" the zero) to the
+    directory ``path``: config.json with its quantization_config, ``shards`` safetensors files.
+    Packs by the format's definition, not with hsd's own packing, so a test of the loader
+    checks hsd against the format. Returns {Linear name: its dequantized [N, K] fp32 weight}."""
+    import json
+    import pathlib
+    from safetensors.torch import save_file
+    from hsd.kernels import w4a16
+    path = pathlib.Path(path)
+    model.config.save_pretrained(path)
+    state, dequantized = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (quantize_lm_head or name != "lm_head"):
+            n, k = module.weight.shape
+            g = k if group_size == -1 else group_size
+            wg = module.weight.detach().float().reshape(n, k // g, g)
+            scale, zero = w4a16.grid(wg, symmetric)                       # [N, K / G]
+            q = w4a16.to_grid(wg, scale[..., None], zero[..., None])
+            scale = scale.half().float()                                  # what the checkpoint keeps
+            offset = 1 if checkpoint_format == "gptq" else 0
+            stored_zero = zero.t().long() - offset
+            zero = ((stored_zero & 0xF) + offset).t().float()             # v1 reads a zero of 0 as 16
+            dequantized[name] = ((q - zero[..., None]) * scale[..., None]).reshape(n, k)
+            state[f"{name}.qweight"] = _nibbles(q.reshape(n, k).t().long(), 0)   # along K
+            state[f"{name}.qzeros"] = _nibbles(stored_zero, 1)                   # along N
+            state[f"{name}.scales"] = scale.t().half().contiguous()
+            state[f"{name}.g_idx"] = (torch.arange(k) // g).int()
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().half()
+        elif not list(module.children()):
+            state.update({f"{name}.{p}": t.detach().contiguous() for p, t in module.named_parameters(recurse=False)})
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    names = sorted(state)
+    for i in range(shards):
+        part = {n: state[n] for n in names[i::shards]}
+        save_file(part, path / f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group_size, sym=symmetric,
+                                         desc_act=False, checkpoint_format=checkpoint_format)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return dequantized
+
+
+def _nibbles(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """Entries 8 c .. 8 c + 7 along ``dim`` (ints, two's complement kept to 4 bits) into int32
+    word c, entry 8 c + i in bits 4 i .. 4 i + 3."""
+    q = q.movedim(dim, 0)
+    word = torch.zeros((q.shape[0] // 8, *q.shape[1:]), dtype=torch.int64)
+    for i in range(8):
+        word |= (q[i::8] & 0xF) << (4 * i)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).movedim(0, dim).contiguous()
+
+
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB."""
     ref, x = ref.double(), x.double()

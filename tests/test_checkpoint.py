@@ -1,0 +1,98 @@
+"""4-bit GPTQ checkpoints from disk (hsd.checkpoint): written by ``testing.save_gptq_checkpoint``
+from the format's definition, compiled with ``hsd.compile(path)``, against a float model holding
+the dequantized weights."""
+import copy
+import json
+
+import pytest
+import torch
+
+import hsd
+from hsd import testing
+
+
+def reference(model, dequantized):
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name in dequantized:
+                module.weight.copy_(dequantized[name])
+    return model
+
+
+@pytest.mark.parametrize("arch, group_size, symmetric, fmt, shards, tied", [
+    ("llama", 32, True, "gptq", 1, False),
+    ("llama", -1, False, "gptq", 2, True),
+    ("qwen2", 32, False, "gptq_v2", 3, False),   # q/k/v biases
+    ("mistral", 16, True, "gptq_v2", 1, True),
+])
+def test_checkpoint_equals_its_dequantized_model(tmp_path, arch, group_size, symmetric, fmt, shards, tied):
+    config = testing.tiny_config(arch, tie_word_embeddings=tied)
+    model = testing.tiny_model(config, seed=3)
+    dequantized = testing.save_gptq_checkpoint(model, tmp_path, group_size, symmetric, fmt, shards=shards)
+    engine = hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32, max_seq_len=16, prefill_chunk=4)
+    ids = testing.random_ids(config, length=6)
+    want = reference(model, dequantized)
+    testing.assert_engine_matches_model(engine, want, ids, atol=1e-5, rtol=1e-5)
+    testing.assert_generate_matches_hf(engine, want, ids[:, :3], max_new_tokens=6)
+    names = {name for name, _ in engine.graphs[4].named_buffers()}
+    assert not any(name.endswith("proj.weight") for name in names)       # never dequantized
+    assert any(name.endswith("qweight") for name in names)
+
+
+def test_quantized_lm_head_is_dequantized_and_w4a8_reads_the_same_weights(tmp_path):
+    config = testing.tiny_config(tie_word_embeddings=False)
+    model = testing.tiny_model(config, seed=1)
+    dequantized = testing.save_gptq_checkpoint(model, tmp_path, 32, quantize_lm_head=True)
+    ids = testing.random_ids(config, length=5)
+    engine = hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32, max_seq_len=16, prefill_chunk=4)
+    testing.assert_engine_matches_model(engine, reference(model, dequantized), ids, atol=1e-5, rtol=1e-5)
+    w4a8 = hsd.compile(str(tmp_path), quant="w4a8", device="cpu", dtype=torch.float32, max_seq_len=16,
+                       prefill_chunk=4)
+    testing.assert_engine_matches_model(w4a8, reference(model, dequantized), ids, min_sqnr_db=25)
+
+
+def _edit(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    config = testing.tiny_config()
+    model = testing.tiny_model(config)
+    testing.save_gptq_checkpoint(model, tmp_path, 32)
+    kwargs = dict(device="cpu", dtype=torch.float32, max_seq_len=16)
+    for quant, match in (("w8a8", "runs as quant='w4a16' or 'w4a8'"), ("w4a4", "runs as quant='w4a16' or 'w4a8'")):
+        with pytest.raises(ValueError, match=match):
+            hsd.compile(str(tmp_path), quant=quant, **kwargs)
+    with pytest.raises(ValueError, match="4-bit drafts"):
+        hsd.compile(str(tmp_path), spec="qspec", **kwargs)
+    with pytest.raises(ValueError, match="brings its own"):
+        hsd.compile(str(tmp_path), weights={}, **kwargs)
+    _edit(tmp_path, bits=8)
+    with pytest.raises(ValueError, match="hsd loads 4-bit GPTQ checkpoints"):
+        hsd.compile(str(tmp_path), **kwargs)
+    _edit(tmp_path, bits=4)
+    shard = next(tmp_path.glob("*.safetensors"))
+    state = load_file(shard)
+    original = dict(state)
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    state[name] = state[name].flip(0)                                   # act-order without static groups
+    save_file(state, shard)
+    with pytest.raises(ValueError, match="down_proj: g_idx is permuted"):
+        hsd.compile(str(tmp_path), **kwargs)
+    state = dict(original, **{"model.layers.0.mlp.up_proj.bias": torch.ones(config.intermediate_size).half()})
+    save_file(state, shard)
+    with pytest.raises(ValueError, match="up_proj: the checkpoint has a nonzero bias"):
+        hsd.compile(str(tmp_path), **kwargs)
+    state = dict(original, **{"model.layers.9.mlp.up_proj.qweight": original["model.layers.0.mlp.up_proj.qweight"].clone()})
+    save_file(state, shard)
+    with pytest.raises(ValueError, match="modules the model's config does not have: model.layers.9"):
+        hsd.compile(str(tmp_path), **kwargs)
+    state = dict(original)
+    state["model.layers.1.self_attn.o_proj.scales"] = state["model.layers.1.self_attn.o_proj.scales"][:1]
+    save_file(state, shard)
+    with pytest.raises(ValueError, match="o_proj: GPTQ tensors .* do not fit"):
+        hsd.compile(str(tmp_path), **kwargs)
