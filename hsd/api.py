@@ -23,6 +23,8 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
             weights=None, intermediate=None, intermediate_quant=None, quantizer: str = "rtn",
             calibration=None, tokenizer=None, act_order: bool = False, smooth_alpha=0.5):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
+    A path to a 4-bit GPTQ checkpoint loads its quantized tensors as they are (``hsd.checkpoint``)
+    and runs as ``quant="w4a16"`` (default) or ``"w4a8"``; dtype defaults to fp16.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
     or callables on a torch.fx.GraphModule), RotateHadamard (for quant="w4a4" and QSpec with
