@@ -23,8 +23,9 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
             weights=None, intermediate=None, intermediate_quant=None, quantizer: str = "rtn",
             calibration=None, tokenizer=None, act_order: bool = False, smooth_alpha=0.5):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
-    A path to a 4-bit GPTQ checkpoint loads its quantized tensors as they are (``hsd.checkpoint``)
-    and runs as ``quant="w4a16"`` (default) or ``"w4a8"``; dtype defaults to fp16.
+    A path to a 4-bit GPTQ or compressed-tensors checkpoint loads its quantized tensors as they
+    are (``hsd.checkpoint``) and runs as ``quant="w4a16"`` (default) or ``"w4a8"``; dtype
+    defaults to fp16.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
     or callables on a torch.fx.GraphModule), RotateHadamard (for quant="w4a4" and QSpec with
@@ -116,12 +117,12 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
 
 
 def _checkpoint_quant(quant, weights, spec, spec_config) -> str:
-    """The scheme a 4-bit GPTQ checkpoint runs as (W4A16 unless W4A8 is asked for), checked."""
+    """The scheme a 4-bit checkpoint runs as (W4A16 unless W4A8 is asked for), checked."""
     if weights is not None:
         raise ValueError("weights= is for a model built on the meta device; a checkpoint path brings its own")
     quant = quant or "w4a16"
     if quant not in ("w4a16", "w4a8") or _rotates(quant, spec, spec_config):
-        raise ValueError(f"a 4-bit GPTQ checkpoint runs as quant='w4a16' or 'w4a8' (its weights as stored), got "
+        raise ValueError(f"a 4-bit checkpoint runs as quant='w4a16' or 'w4a8' (its weights as stored), got "
                          f"quant={quant!r}" + (" with QSpec's 4-bit drafts, which need Hadamard-rotated weights "
                                               "(QSpecConfig(act_bits=8) drafts from these)" if spec == "qspec" else ""))
     return quant

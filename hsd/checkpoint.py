@@ -1,17 +1,24 @@
-"""4-bit GPTQ checkpoints (AutoGPTQ / GPTQModel, "gptq" and "gptq_v2" formats) into hsd's W4 layout.
+"""Pre-quantized 4-bit checkpoints users bring, into hsd's W4 layout: GPTQ (AutoGPTQ / GPTQModel,
+"gptq" and "gptq_v2" formats) and compressed-tensors "pack-quantized" W4A16 (llm-compressor).
 
 ``hsd.compile(path)`` calls ``load`` when the checkpoint's config.json has a
 ``quantization_config`` (or the directory a quantize_config.json). It returns a model skeleton on
 the meta device and the tensors by Hugging Face name, which compile through the meta-device path:
 no Linear is ever dequantized, so a 70B W4A16 checkpoint loads in its 4-bit size.
 
-Per Linear the checkpoint holds (N outputs, K inputs, group size G):
+Per Linear (N outputs, K inputs, group size G), GPTQ holds
   qweight int32 [K // 8, N]      nibble i of word r is k = 8 r + i: hsd's layout, taken as is
   qzeros  int32 [K // G, N // 8] nibble j of word c is column 8 c + j; "gptq" (v1) stores zero - 1
   scales  [K // G, N]
-  g_idx   int32 [K]              group of each k: must be k // G (act-order without static groups
-                                 permutes it; refused, hsd's kernels read contiguous groups)
-A quantized lm_head is dequantized (hsd keeps the lm_head 16-bit).
+  g_idx   int32 [K]              group of each k
+and compressed-tensors
+  weight_packed     int32 [N, K // 8]  the same nibbles per row (value + 8), so hsd's qweight is
+                                       its transpose
+  weight_scale      [N, K // G]
+  weight_zero_point int32 [N // 8, K // G] (asymmetric only) nibbles along N, zero + 8
+  weight_g_idx      int32 [K]          (act-order only)
+A permuted group index (act-order without static groups) is refused: hsd's kernels read contiguous
+groups. A quantized lm_head is dequantized (hsd keeps the lm_head 16-bit).
 """
 import json
 import pathlib
@@ -20,7 +27,9 @@ import torch
 
 from hsd.kernels import w4a16
 
-FORMATS = ("gptq", "gptq_v2")
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed", ".weight_scale",
+                      ".weight_zero_point", ".weight_g_idx", ".weight_shape")
 
 
 def quantization_config(path) -> dict | None:
@@ -35,20 +44,33 @@ def quantization_config(path) -> dict | None:
 
 
 def check(settings: dict) -> tuple:
-    """-> (group size, -1 for per channel; checkpoint format); ValueError for what hsd cannot load."""
-    method, bits = settings.get("quant_method", "gptq"), settings.get("bits")
-    fmt = settings.get("checkpoint_format", "gptq")
-    if method != "gptq" or bits != 4 or fmt not in FORMATS:
-        raise ValueError(f"hsd loads 4-bit GPTQ checkpoints (quant_method 'gptq', bits 4, checkpoint_format "
-                         f"{' or '.join(FORMATS)}); this one has quant_method={method!r}, bits={bits!r}, "
-                         f"checkpoint_format={fmt!r}")
-    return settings.get("group_size", 128), fmt
+    """-> (group size, -1 for per channel; a reader of one Linear's tensors); ValueError for what
+    hsd cannot load."""
+    method = settings.get("quant_method", "gptq")
+    if method == "gptq":
+        bits, fmt = settings.get("bits"), settings.get("checkpoint_format", "gptq")
+        if bits == 4 and fmt in GPTQ_FORMATS:
+            return settings.get("group_size", 128), lambda *a: _gptq_linear(*a, v1=fmt == "gptq")
+        found = f"bits={bits!r}, checkpoint_format={fmt!r}"
+    elif method == "compressed-tensors":
+        groups = list(settings.get("config_groups", {}).values())
+        weights = groups[0].get("weights") or {} if len(groups) == 1 else {}
+        strategy = weights.get("strategy")
+        if (settings.get("format") == "pack-quantized" and weights.get("num_bits") == 4 and weights.get("type") == "int"
+                and strategy in ("group", "channel") and groups[0].get("input_activations") is None):
+            return weights.get("group_size") if strategy == "group" else -1, _compressed_linear
+        found = f"format={settings.get('format')!r}, config_groups={settings.get('config_groups')!r}"
+    else:
+        found = f"quant_method={method!r}"
+    raise ValueError("hsd loads 4-bit weight-only checkpoints: GPTQ (bits 4, checkpoint_format "
+                     f"{' or '.join(GPTQ_FORMATS)}) or compressed-tensors pack-quantized (one config group, "
+                     f"4-bit int weights by group or channel, no activation quantization); this one has {found}")
 
 
 def load(path, device, dtype) -> tuple:
     """-> (model skeleton on the meta device, {name: tensor} on the CPU, group size or -1)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    group_size, fmt = check(quantization_config(path))
+    group_size, read_linear = check(quantization_config(path))
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config          # the skeleton is a plain model; hsd quantizes it
@@ -57,17 +79,17 @@ def load(path, device, dtype) -> tuple:
     raw = read_safetensors(path)
     weights = {}
     for name, module in skeleton.named_modules():
-        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in raw:
-            tensors = _linear(raw, name, module, group_size, fmt)
-            if name == "lm_head":   # in fp32: the 16-bit copy is rounded once, to the model's dtype
-                qweight, scales, zeros = tensors
-                weights["lm_head.weight"] = w4a16.dequantize(
-                    qweight, scales.float(), None if zeros is None else zeros.float(),
-                    qweight.shape[0] * 8 // scales.shape[0])
-            else:
-                weights.update({f"{name}.{t}": v for t, v in zip(("qweight", "scales", "zeros"), tensors) if v is not None})
-            _bias(raw, weights, name, module)
-    stray = sorted(n for n in raw if n.endswith((".qweight", ".qzeros", ".scales", ".g_idx")))
+        tensors = read_linear(raw, name, module, group_size) if isinstance(module, torch.nn.Linear) else None
+        if tensors is None:
+            continue
+        if name == "lm_head":   # in fp32: the 16-bit copy is rounded once, to the model's dtype
+            qweight, scales, zeros = tensors
+            weights["lm_head.weight"] = w4a16.dequantize(
+                qweight, scales.float(), None if zeros is None else zeros.float(), qweight.shape[0] * 8 // scales.shape[0])
+        else:
+            weights.update({f"{name}.{t}": v for t, v in zip(("qweight", "scales", "zeros"), tensors) if v is not None})
+        _bias(raw, weights, name, module)
+    stray = sorted(n for n in raw if n.endswith(QUANTIZED_SUFFIXES))
     if stray:
         raise ValueError(f"{path}: quantized tensors of modules the model's config does not have: {', '.join(stray[:4])}")
     known = dict(skeleton.named_parameters())
@@ -89,21 +111,53 @@ def read_safetensors(path) -> dict:
     return tensors
 
 
-def _linear(raw, name, module, group_size, fmt):
-    """(qweight, scales, zeros or None) of one Linear, checked against its shape."""
-    n, k = module.out_features, module.in_features
-    g = k if group_size in (None, -1) else group_size
+def _gptq_linear(raw, name, module, group_size, v1: bool):
+    """(qweight, scales, zeros or None) of one GPTQ Linear, checked; None if it is not quantized."""
+    if f"{name}.qweight" not in raw:
+        return None
+    n, k, g = _dims(module, group_size)
     qweight, qzeros, scales = (raw.pop(f"{name}.{t}") for t in ("qweight", "qzeros", "scales"))
-    if k % g or qweight.shape != (k // 8, n) or scales.shape != (k // g, n) or qzeros.shape != (k // g, -(-n // 8)):
+    if qweight.shape != (k // 8, n) or scales.shape != (k // g, n) or qzeros.shape != (k // g, -(-n // 8)):
         raise ValueError(f"{name}: GPTQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                          f"scales {tuple(scales.shape)} do not fit a [{n}, {k}] Linear with group size {g}")
-    g_idx = raw.pop(f"{name}.g_idx", None)
+    _check_groups(raw.pop(f"{name}.g_idx", None), name, k, g)
+    zeros = w4a16.unpack(qzeros.t().contiguous()).t()[:, :n] + (1 if v1 else 0)
+    return qweight, scales, _float_zeros(zeros, scales.dtype)
+
+
+def _compressed_linear(raw, name, module, group_size):
+    """The same from a compressed-tensors pack-quantized Linear."""
+    if f"{name}.weight_packed" not in raw:
+        return None
+    n, k, g = _dims(module, group_size)
+    packed, scale = raw.pop(f"{name}.weight_packed"), raw.pop(f"{name}.weight_scale")
+    zero_point, shape = raw.pop(f"{name}.weight_zero_point", None), raw.pop(f"{name}.weight_shape", None)
+    if packed.shape != (n, k // 8) or scale.shape != (n, k // g) or (shape is not None and shape.tolist() != [n, k]) \
+            or (zero_point is not None and zero_point.shape != (-(-n // 8), k // g)):
+        raise ValueError(f"{name}: compressed-tensors tensors weight_packed {tuple(packed.shape)}, weight_scale "
+                         f"{tuple(scale.shape)} do not fit a [{n}, {k}] Linear with group size {g}")
+    _check_groups(raw.pop(f"{name}.weight_g_idx", None), name, k, g)
+    zeros = None if zero_point is None else w4a16.unpack(zero_point)[:n].t()
+    return packed.t().contiguous(), scale.t().contiguous(), None if zeros is None else _float_zeros(zeros, scale.dtype)
+
+
+def _dims(module, group_size):
+    n, k = module.out_features, module.in_features
+    g = k if group_size in (None, -1) else group_size
+    if k % g:
+        raise ValueError(f"in_features {k} is not divisible by the checkpoint's group size {g}")
+    return n, k, g
+
+
+def _check_groups(g_idx, name, k, g):
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // g):
-        raise ValueError(f"{name}: g_idx is permuted (desc_act / act-order without static_groups); hsd's kernels "
-                         "read contiguous groups: quantize with static_groups=True or desc_act=False")
-    zeros = w4a16.unpack(qzeros.t().contiguous()).t()[:, :n] + (1 if fmt == "gptq" else 0)
-    zeros = None if bool((zeros == w4a16.SYMMETRIC_ZERO).all()) else zeros.to(scales.dtype)
-    return qweight, scales, zeros
+        raise ValueError(f"{name}: g_idx is permuted (act-order without static groups); hsd's kernels read "
+                         "contiguous groups: quantize with static groups (GPTQ static_groups=True) or without act-order")
+
+
+def _float_zeros(zeros, dtype):
+    """Integer zero points [K // G, N] -> floats, or None where all are the symmetric 8."""
+    return None if bool((zeros == w4a16.SYMMETRIC_ZERO).all()) else zeros.to(dtype).contiguous()
 
 
 def _bias(raw, weights, name, module):

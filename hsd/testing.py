@@ -94,13 +94,14 @@ def fake_quantized(model, group_size: int = 128, symmetric: bool = True):
     return model
 
 
-def save_gptq_checkpoint(model, path, group_size: int = 128, symmetric: bool = True,
-                         checkpoint_format: str = "gptq", quantize_lm_head: bool = False, shards: int = 1) -> dict:
-    """Write ``model`` as a 4-bit GPTQ checkpoint (round-to-nearest weights in AutoGPTQ's
-    layout, ``hsd.checkpoint``'s docstring; "gptq" stores zero - 1, "gptq_v2" the zero) to the
-    directory ``path``: config.json with its quantization_config, ``shards`` safetensors files.
-    Packs by the format's definition, not with hsd's own packing, so a test of the loader
-    checks hsd against the format. Returns {Linear name: its dequantized [N, K] fp32 weight}."""
+def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size: int = 128,
+                       symmetric: bool = True, quantize_lm_head: bool = False, shards: int = 1) -> dict:
+    """Write ``model`` as a 4-bit checkpoint of ``checkpoint_format``: "gptq" (AutoGPTQ's v1,
+    zero - 1 stored), "gptq_v2" or "compressed-tensors" (pack-quantized W4A16); layouts in
+    ``hsd.checkpoint``'s docstring. Round-to-nearest weights, config.json with the
+    quantization_config, ``shards`` safetensors files in the directory ``path``. Packs by the
+    formats' definitions, not with hsd's own packing, so a test of the loader checks hsd against
+    the format. Returns {Linear name: its dequantized [N, K] fp32 weight}."""
     import json
     import pathlib
     from safetensors.torch import save_file
@@ -116,14 +117,21 @@ def save_gptq_checkpoint(model, path, group_size: int = 128, symmetric: bool = T
             scale, zero = w4a16.grid(wg, symmetric)                       # [N, K / G]
             q = w4a16.to_grid(wg, scale[..., None], zero[..., None])
             scale = scale.half().float()                                  # what the checkpoint keeps
-            offset = 1 if checkpoint_format == "gptq" else 0
-            stored_zero = zero.t().long() - offset
-            zero = ((stored_zero & 0xF) + offset).t().float()             # v1 reads a zero of 0 as 16
+            if checkpoint_format == "compressed-tensors":
+                state[f"{name}.weight_packed"] = _nibbles(q.reshape(n, k).long(), 1)   # value + 8, along K
+                state[f"{name}.weight_scale"] = scale.half().contiguous()
+                state[f"{name}.weight_shape"] = torch.tensor([n, k])
+                if not symmetric:                                           # zero point + 8, along N
+                    state[f"{name}.weight_zero_point"] = _nibbles(zero.long(), 0)
+            else:
+                offset = 1 if checkpoint_format == "gptq" else 0
+                stored_zero = zero.t().long() - offset
+                zero = ((stored_zero & 0xF) + offset).t().float()         # v1 reads a zero of 0 as 16
+                state[f"{name}.qweight"] = _nibbles(q.reshape(n, k).t().long(), 0)   # along K
+                state[f"{name}.qzeros"] = _nibbles(stored_zero, 1)                   # along N
+                state[f"{name}.scales"] = scale.t().half().contiguous()
+                state[f"{name}.g_idx"] = (torch.arange(k) // g).int()
             dequantized[name] = ((q - zero[..., None]) * scale[..., None]).reshape(n, k)
-            state[f"{name}.qweight"] = _nibbles(q.reshape(n, k).t().long(), 0)   # along K
-            state[f"{name}.qzeros"] = _nibbles(stored_zero, 1)                   # along N
-            state[f"{name}.scales"] = scale.t().half().contiguous()
-            state[f"{name}.g_idx"] = (torch.arange(k) // g).int()
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach().half()
         elif not list(module.children()):
@@ -132,11 +140,17 @@ def save_gptq_checkpoint(model, path, group_size: int = 128, symmetric: bool = T
         state.pop("lm_head.weight", None)
     names = sorted(state)
     for i in range(shards):
-        part = {n: state[n] for n in names[i::shards]}
-        save_file(part, path / f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
+        save_file({n: state[n] for n in names[i::shards]}, path / f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group_size, sym=symmetric,
-                                         desc_act=False, checkpoint_format=checkpoint_format)
+    if checkpoint_format == "compressed-tensors":
+        weights = dict(num_bits=4, type="int", symmetric=symmetric, strategy="channel" if group_size == -1 else "group",
+                       group_size=None if group_size == -1 else group_size)
+        config["quantization_config"] = dict(
+            quant_method="compressed-tensors", format="pack-quantized", ignore=[] if quantize_lm_head else ["lm_head"],
+            config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=None)})
+    else:
+        config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group_size, sym=symmetric,
+                                             desc_act=False, checkpoint_format=checkpoint_format)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return dequantized
 

@@ -1,6 +1,6 @@
-"""4-bit GPTQ checkpoints from disk (hsd.checkpoint): written by ``testing.save_gptq_checkpoint``
-from the format's definition, compiled with ``hsd.compile(path)``, against a float model holding
-the dequantized weights."""
+"""4-bit checkpoints from disk (hsd.checkpoint: GPTQ, compressed-tensors): written by
+``testing.save_w4_checkpoint`` from each format's definition, compiled with ``hsd.compile(path)``,
+against a float model holding the dequantized weights."""
 import copy
 import json
 
@@ -25,11 +25,13 @@ def reference(model, dequantized):
     ("llama", -1, False, "gptq", 2, True),
     ("qwen2", 32, False, "gptq_v2", 3, False),   # q/k/v biases
     ("mistral", 16, True, "gptq_v2", 1, True),
+    ("llama", 32, False, "compressed-tensors", 2, False),
+    ("qwen2", -1, True, "compressed-tensors", 1, True),
 ])
 def test_checkpoint_equals_its_dequantized_model(tmp_path, arch, group_size, symmetric, fmt, shards, tied):
     config = testing.tiny_config(arch, tie_word_embeddings=tied)
     model = testing.tiny_model(config, seed=3)
-    dequantized = testing.save_gptq_checkpoint(model, tmp_path, group_size, symmetric, fmt, shards=shards)
+    dequantized = testing.save_w4_checkpoint(model, tmp_path, fmt, group_size, symmetric, shards=shards)
     engine = hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32, max_seq_len=16, prefill_chunk=4)
     ids = testing.random_ids(config, length=6)
     want = reference(model, dequantized)
@@ -40,10 +42,11 @@ def test_checkpoint_equals_its_dequantized_model(tmp_path, arch, group_size, sym
     assert any(name.endswith("qweight") for name in names)
 
 
-def test_quantized_lm_head_is_dequantized_and_w4a8_reads_the_same_weights(tmp_path):
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_quantized_lm_head_is_dequantized_and_w4a8_reads_the_same_weights(tmp_path, fmt):
     config = testing.tiny_config(tie_word_embeddings=False)
     model = testing.tiny_model(config, seed=1)
-    dequantized = testing.save_gptq_checkpoint(model, tmp_path, 32, quantize_lm_head=True)
+    dequantized = testing.save_w4_checkpoint(model, tmp_path, fmt, 32, symmetric=False, quantize_lm_head=True)
     ids = testing.random_ids(config, length=5)
     engine = hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32, max_seq_len=16, prefill_chunk=4)
     testing.assert_engine_matches_model(engine, reference(model, dequantized), ids, atol=1e-5, rtol=1e-5)
@@ -62,7 +65,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
     config = testing.tiny_config()
     model = testing.tiny_model(config)
-    testing.save_gptq_checkpoint(model, tmp_path, 32)
+    testing.save_w4_checkpoint(model, tmp_path, "gptq", 32)
     kwargs = dict(device="cpu", dtype=torch.float32, max_seq_len=16)
     for quant, match in (("w8a8", "runs as quant='w4a16' or 'w4a8'"), ("w4a4", "runs as quant='w4a16' or 'w4a8'")):
         with pytest.raises(ValueError, match=match):
@@ -72,7 +75,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="brings its own"):
         hsd.compile(str(tmp_path), weights={}, **kwargs)
     _edit(tmp_path, bits=8)
-    with pytest.raises(ValueError, match="hsd loads 4-bit GPTQ checkpoints"):
+    with pytest.raises(ValueError, match="hsd loads 4-bit weight-only checkpoints.*bits=8"):
         hsd.compile(str(tmp_path), **kwargs)
     _edit(tmp_path, bits=4)
     shard = next(tmp_path.glob("*.safetensors"))
@@ -96,3 +99,12 @@ def test_bad_checkpoints_are_refused(tmp_path):
     save_file(state, shard)
     with pytest.raises(ValueError, match="o_proj: GPTQ tensors .* do not fit"):
         hsd.compile(str(tmp_path), **kwargs)
+
+
+def test_bad_compressed_tensors_checkpoints_are_refused(tmp_path):
+    testing.save_w4_checkpoint(testing.tiny_model(testing.tiny_config()), tmp_path, "compressed-tensors", 32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hsd loads 4-bit weight-only checkpoints.*input_activations"):
+        hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32)
