@@ -17,8 +17,10 @@ and compressed-tensors
   weight_scale      [N, K // G]
   weight_zero_point int32 [N // 8, K // G] (asymmetric only) nibbles along N, zero + 8
   weight_g_idx      int32 [K]          (act-order only)
-A permuted group index (act-order without static groups) is refused: hsd's kernels read contiguous
-groups. A quantized lm_head is dequantized (hsd keeps the lm_head 16-bit).
+A permuted group index (act-order without static groups) is sorted away: the K rows are reordered
+so each group is contiguous (what hsd's kernels read) and the Linear keeps the permutation
+(``<name>.perm``), by which its op gathers x. A quantized lm_head is dequantized (hsd keeps the
+lm_head 16-bit).
 """
 import json
 import pathlib
@@ -83,11 +85,13 @@ def load(path, device, dtype) -> tuple:
         if tensors is None:
             continue
         if name == "lm_head":   # in fp32: the 16-bit copy is rounded once, to the model's dtype
-            qweight, scales, zeros = tensors
-            weights["lm_head.weight"] = w4a16.dequantize(
-                qweight, scales.float(), None if zeros is None else zeros.float(), qweight.shape[0] * 8 // scales.shape[0])
+            qweight, scales, zeros, perm = tensors
+            w = w4a16.dequantize(qweight, scales.float(), None if zeros is None else zeros.float(),
+                                 qweight.shape[0] * 8 // scales.shape[0])
+            weights["lm_head.weight"] = w if perm is None else w[:, torch.argsort(perm)]
         else:
-            weights.update({f"{name}.{t}": v for t, v in zip(("qweight", "scales", "zeros"), tensors) if v is not None})
+            weights.update({f"{name}.{t}": v for t, v in zip(("qweight", "scales", "zeros", "perm"), tensors)
+                            if v is not None})
         _bias(raw, weights, name, module)
     stray = sorted(n for n in raw if n.endswith(QUANTIZED_SUFFIXES))
     if stray:
@@ -112,7 +116,8 @@ def read_safetensors(path) -> dict:
 
 
 def _gptq_linear(raw, name, module, group_size, v1: bool):
-    """(qweight, scales, zeros or None) of one GPTQ Linear, checked; None if it is not quantized."""
+    """(qweight, scales, zeros or None, perm or None) of one GPTQ Linear, checked; None if it is
+    not quantized."""
     if f"{name}.qweight" not in raw:
         return None
     n, k, g = _dims(module, group_size)
@@ -120,9 +125,9 @@ def _gptq_linear(raw, name, module, group_size, v1: bool):
     if qweight.shape != (k // 8, n) or scales.shape != (k // g, n) or qzeros.shape != (k // g, -(-n // 8)):
         raise ValueError(f"{name}: GPTQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                          f"scales {tuple(scales.shape)} do not fit a [{n}, {k}] Linear with group size {g}")
-    _check_groups(raw.pop(f"{name}.g_idx", None), name, k, g)
+    qweight, perm = _contiguous_groups(qweight, raw.pop(f"{name}.g_idx", None), name, k, g)
     zeros = w4a16.unpack(qzeros.t().contiguous()).t()[:, :n] + (1 if v1 else 0)
-    return qweight, scales, _float_zeros(zeros, scales.dtype)
+    return qweight, scales, _float_zeros(zeros, scales.dtype), perm
 
 
 def _compressed_linear(raw, name, module, group_size):
@@ -136,9 +141,9 @@ def _compressed_linear(raw, name, module, group_size):
             or (zero_point is not None and zero_point.shape != (-(-n // 8), k // g)):
         raise ValueError(f"{name}: compressed-tensors tensors weight_packed {tuple(packed.shape)}, weight_scale "
                          f"{tuple(scale.shape)} do not fit a [{n}, {k}] Linear with group size {g}")
-    _check_groups(raw.pop(f"{name}.weight_g_idx", None), name, k, g)
+    qweight, perm = _contiguous_groups(packed.t().contiguous(), raw.pop(f"{name}.weight_g_idx", None), name, k, g)
     zeros = None if zero_point is None else w4a16.unpack(zero_point)[:n].t()
-    return packed.t().contiguous(), scale.t().contiguous(), None if zeros is None else _float_zeros(zeros, scale.dtype)
+    return qweight, scale.t().contiguous(), None if zeros is None else _float_zeros(zeros, scale.dtype), perm
 
 
 def _dims(module, group_size):
@@ -149,10 +154,15 @@ def _dims(module, group_size):
     return n, k, g
 
 
-def _check_groups(g_idx, name, k, g):
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // g):
-        raise ValueError(f"{name}: g_idx is permuted (act-order without static groups); hsd's kernels read "
-                         "contiguous groups: quantize with static groups (GPTQ static_groups=True) or without act-order")
+def _contiguous_groups(qweight, g_idx, name, k, g):
+    """-> (qweight with its K rows sorted by group, the permutation or None if already sorted)."""
+    groups = torch.arange(k) // g
+    if g_idx is None or torch.equal(g_idx.long(), groups):
+        return qweight, None
+    perm = torch.argsort(g_idx.long(), stable=True)
+    if not torch.equal(g_idx.long()[perm], groups):
+        raise ValueError(f"{name}: g_idx does not give each of the {k // g} groups {g} rows of K")
+    return w4a16.pack(w4a16.unpack(qweight)[perm]), perm
 
 
 def _float_zeros(zeros, dtype):

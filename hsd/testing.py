@@ -95,11 +95,14 @@ def fake_quantized(model, group_size: int = 128, symmetric: bool = True):
 
 
 def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size: int = 128,
-                       symmetric: bool = True, quantize_lm_head: bool = False, shards: int = 1) -> dict:
+                       symmetric: bool = True, quantize_lm_head: bool = False, shards: int = 1,
+                       act_order: bool = False) -> dict:
     """Write ``model`` as a 4-bit checkpoint of ``checkpoint_format``: "gptq" (AutoGPTQ's v1,
     zero - 1 stored), "gptq_v2" or "compressed-tensors" (pack-quantized W4A16); layouts in
     ``hsd.checkpoint``'s docstring. Round-to-nearest weights, config.json with the
-    quantization_config, ``shards`` safetensors files in the directory ``path``. Packs by the
+    quantization_config, ``shards`` safetensors files in the directory ``path``. ``act_order``:
+    groups formed in a random order of K (one per K, so Linears sharing an input agree), as
+    GPTQ's desc_act without static groups leaves them: a permuted g_idx. Packs by the
     formats' definitions, not with hsd's own packing, so a test of the loader checks hsd against
     the format. Returns {Linear name: its dequantized [N, K] fp32 weight}."""
     import json
@@ -113,9 +116,13 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
         if isinstance(module, torch.nn.Linear) and (quantize_lm_head or name != "lm_head"):
             n, k = module.weight.shape
             g = k if group_size == -1 else group_size
-            wg = module.weight.detach().float().reshape(n, k // g, g)
+            order = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if act_order else torch.arange(k)
+            wg = module.weight.detach().float()[:, order].reshape(n, k // g, g)   # groups in quantization order
             scale, zero = w4a16.grid(wg, symmetric)                       # [N, K / G]
-            q = w4a16.to_grid(wg, scale[..., None], zero[..., None])
+            q = torch.empty(n, k)
+            q[:, order] = w4a16.to_grid(wg, scale[..., None], zero[..., None]).reshape(n, k)
+            g_idx = torch.empty(k, dtype=torch.int32)
+            g_idx[order] = (torch.arange(k) // g).int()
             scale = scale.half().float()                                  # what the checkpoint keeps
             if checkpoint_format == "compressed-tensors":
                 state[f"{name}.weight_packed"] = _nibbles(q.reshape(n, k).long(), 1)   # value + 8, along K
@@ -123,6 +130,8 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
                 state[f"{name}.weight_shape"] = torch.tensor([n, k])
                 if not symmetric:                                           # zero point + 8, along N
                     state[f"{name}.weight_zero_point"] = _nibbles(zero.long(), 0)
+                if act_order:
+                    state[f"{name}.weight_g_idx"] = g_idx
             else:
                 offset = 1 if checkpoint_format == "gptq" else 0
                 stored_zero = zero.t().long() - offset
@@ -130,8 +139,8 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
                 state[f"{name}.qweight"] = _nibbles(q.reshape(n, k).t().long(), 0)   # along K
                 state[f"{name}.qzeros"] = _nibbles(stored_zero, 1)                   # along N
                 state[f"{name}.scales"] = scale.t().half().contiguous()
-                state[f"{name}.g_idx"] = (torch.arange(k) // g).int()
-            dequantized[name] = ((q - zero[..., None]) * scale[..., None]).reshape(n, k)
+                state[f"{name}.g_idx"] = g_idx
+            dequantized[name] = (q - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach().half()
         elif not list(module.children()):
@@ -144,13 +153,13 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
     config = json.loads((path / "config.json").read_text())
     if checkpoint_format == "compressed-tensors":
         weights = dict(num_bits=4, type="int", symmetric=symmetric, strategy="channel" if group_size == -1 else "group",
-                       group_size=None if group_size == -1 else group_size)
+                       group_size=None if group_size == -1 else group_size, actorder="group" if act_order else None)
         config["quantization_config"] = dict(
             quant_method="compressed-tensors", format="pack-quantized", ignore=[] if quantize_lm_head else ["lm_head"],
             config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=None)})
     else:
         config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group_size, sym=symmetric,
-                                             desc_act=False, checkpoint_format=checkpoint_format)
+                                             desc_act=act_order, checkpoint_format=checkpoint_format)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return dequantized
 

@@ -131,9 +131,11 @@ def _group(group_size, k):
 class W4A16(Scheme):
     """4-bit weights in the GPTQ layout (``hsd.kernels.w4a16``), 16-bit activations; quantized
     round-to-nearest, or by GPTQ (``hsd.passes.gptq``) when given a Hessian. Every 4-bit weight
-    scheme subclasses it, so all of them read (and quantize) the same tensors."""
+    scheme subclasses it, so all of them read (and quantize) the same tensors. A checkpoint
+    quantized with act-order (``hsd.checkpoint``) adds ``perm``: its K rows were sorted by group,
+    so the op reads ``x[..., perm]``."""
     name = "w4a16"
-    tensors = ("qweight", "scales", "zeros")
+    tensors = ("qweight", "scales", "zeros", "perm")
     supports_gptq = True
 
     def check(self, module, n, k, group_size):
@@ -149,7 +151,7 @@ class W4A16(Scheme):
 
     def emit(self, graph, x, attrs, bias, tensors):
         group_size = tensors["qweight"].shape[0] * 8 // tensors["scales"].shape[0]
-        args = (x, attrs["qweight"], attrs["scales"], attrs["zeros"], bias, group_size)
+        args = (permuted_input(graph, x, attrs), attrs["qweight"], attrs["scales"], attrs["zeros"], bias, group_size)
         return graph.call_function(torch.ops.hsd.w4a16_linear.default, args)
 
     def load(self, parts, prequantized, w):
@@ -163,7 +165,19 @@ class W4A16(Scheme):
                                for p, z in zip(parts, zeros)], 1)
         if qweight.shape != (w.shape[1] // 8, w.shape[0]):
             raise ValueError(f"{'+'.join(parts)}: qweight {tuple(qweight.shape)} does not fit the weight {tuple(w.shape)}")
-        return qweight, scales, zeros
+        perms = [prequantized.get(f"{p}.perm") for p in parts]
+        if any(q is None for q in perms) != all(q is None for q in perms) \
+                or any(q is not None and not torch.equal(q, perms[0]) for q in perms):
+            raise ValueError(f"{'+'.join(parts)}: fused Linears read one input but were quantized with different "
+                             "act-order permutations; compile with fuse=False")
+        return qweight, scales, zeros, perms[0]
+
+
+def permuted_input(graph: torch.fx.Graph, x, attrs: dict):
+    """``x[..., perm]`` for a Linear whose K rows a checkpoint's act-order permuted, else ``x``."""
+    if attrs.get("perm") is None:
+        return x
+    return graph.call_function(torch.ops.aten.index_select.default, (x, -1, attrs["perm"]))
 
 
 def quantize_input(graph: torch.fx.Graph, x, kind: str) -> tuple:

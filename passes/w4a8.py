@@ -11,7 +11,7 @@ import torch.fx
 
 from hsd.kernels import w4a8
 from hsd.passes.base import Pass
-from hsd.passes.linear import W4A16, _fetch, quantize_input, register_scheme
+from hsd.passes.linear import W4A16, _fetch, permuted_input, quantize_input, register_scheme
 
 KIND_OF_BITS = {8: "int8", 4: "int4"}
 
@@ -34,8 +34,8 @@ class W4A8(W4A16):
 
     def emit(self, graph, x, attrs, bias, tensors):
         group_size = tensors["qweight"].shape[0] * 8 // tensors["scales"].shape[0]
-        return emit_low_bit(graph, x, attrs["qweight"], attrs["scales"], attrs["zeros"], bias,
-                            group_size, self.kind)
+        return emit_low_bit(graph, permuted_input(graph, x, attrs), attrs["qweight"], attrs["scales"], attrs["zeros"],
+                            bias, group_size, self.kind)
 
 
 class W4A4(W4A8):

@@ -20,18 +20,20 @@ def reference(model, dequantized):
     return model
 
 
-@pytest.mark.parametrize("arch, group_size, symmetric, fmt, shards, tied", [
-    ("llama", 32, True, "gptq", 1, False),
-    ("llama", -1, False, "gptq", 2, True),
-    ("qwen2", 32, False, "gptq_v2", 3, False),   # q/k/v biases
-    ("mistral", 16, True, "gptq_v2", 1, True),
-    ("llama", 32, False, "compressed-tensors", 2, False),
-    ("qwen2", -1, True, "compressed-tensors", 1, True),
+@pytest.mark.parametrize("arch, group_size, symmetric, fmt, shards, tied, act_order", [
+    ("llama", 32, True, "gptq", 1, False, False),
+    ("llama", -1, False, "gptq", 2, True, False),
+    ("qwen2", 32, False, "gptq_v2", 3, False, True),   # q/k/v biases
+    ("mistral", 16, True, "gptq_v2", 1, True, False),
+    ("llama", 32, False, "compressed-tensors", 2, False, True),
+    ("qwen2", -1, True, "compressed-tensors", 1, True, False),
+    ("llama", 16, False, "gptq", 1, False, True),
 ])
-def test_checkpoint_equals_its_dequantized_model(tmp_path, arch, group_size, symmetric, fmt, shards, tied):
+def test_checkpoint_equals_its_dequantized_model(tmp_path, arch, group_size, symmetric, fmt, shards, tied, act_order):
     config = testing.tiny_config(arch, tie_word_embeddings=tied)
     model = testing.tiny_model(config, seed=3)
-    dequantized = testing.save_w4_checkpoint(model, tmp_path, fmt, group_size, symmetric, shards=shards)
+    dequantized = testing.save_w4_checkpoint(model, tmp_path, fmt, group_size, symmetric, shards=shards,
+                                             act_order=act_order)
     engine = hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32, max_seq_len=16, prefill_chunk=4)
     ids = testing.random_ids(config, length=6)
     want = reference(model, dequantized)
@@ -46,7 +48,8 @@ def test_checkpoint_equals_its_dequantized_model(tmp_path, arch, group_size, sym
 def test_quantized_lm_head_is_dequantized_and_w4a8_reads_the_same_weights(tmp_path, fmt):
     config = testing.tiny_config(tie_word_embeddings=False)
     model = testing.tiny_model(config, seed=1)
-    dequantized = testing.save_w4_checkpoint(model, tmp_path, fmt, 32, symmetric=False, quantize_lm_head=True)
+    dequantized = testing.save_w4_checkpoint(model, tmp_path, fmt, 32, symmetric=False, quantize_lm_head=True,
+                                             act_order=True)
     ids = testing.random_ids(config, length=5)
     engine = hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32, max_seq_len=16, prefill_chunk=4)
     testing.assert_engine_matches_model(engine, reference(model, dequantized), ids, atol=1e-5, rtol=1e-5)
@@ -82,9 +85,9 @@ def test_bad_checkpoints_are_refused(tmp_path):
     state = load_file(shard)
     original = dict(state)
     name = "model.layers.0.mlp.down_proj.g_idx"
-    state[name] = state[name].flip(0)                                   # act-order without static groups
+    state[name] = torch.zeros_like(state[name])                         # one group holds every row
     save_file(state, shard)
-    with pytest.raises(ValueError, match="down_proj: g_idx is permuted"):
+    with pytest.raises(ValueError, match="down_proj: g_idx does not give each of the 4 groups 32 rows"):
         hsd.compile(str(tmp_path), **kwargs)
     state = dict(original, **{"model.layers.0.mlp.up_proj.bias": torch.ones(config.intermediate_size).half()})
     save_file(state, shard)
@@ -108,3 +111,16 @@ def test_bad_compressed_tensors_checkpoints_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="hsd loads 4-bit weight-only checkpoints.*input_activations"):
         hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32)
+
+
+def test_fused_linears_with_different_act_order_permutations_are_refused():
+    from hsd.passes.linear import QUANT_SCHEMES
+    from hsd.kernels import w4a16
+    qweight, scales, _ = w4a16.quantize_rtn(torch.randn(16, 64), 32)
+    state = {f"{p}.{t}": v for p in ("q", "k") for t, v in (("qweight", qweight), ("scales", scales))}
+    state.update({"q.perm": torch.randperm(64), "k.perm": torch.randperm(64)})
+    with pytest.raises(ValueError, match="q\\+k: fused Linears .* different act-order permutations; compile with fuse=False"):
+        QUANT_SCHEMES["w4a16"].load(["q", "k"], state, torch.empty(32, 64, device="meta"))
+    state["k.perm"] = state["q.perm"]
+    assert torch.equal(QUANT_SCHEMES["w4a16"].load(["q", "k"], state, torch.empty(32, 64, device="meta"))[3],
+                       state["q.perm"])
