@@ -124,3 +124,15 @@ def test_fused_linears_with_different_act_order_permutations_are_refused():
     state["k.perm"] = state["q.perm"]
     assert torch.equal(QUANT_SCHEMES["w4a16"].load(["q", "k"], state, torch.empty(32, 64, device="meta"))[3],
                        state["q.perm"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, act_order", [("gptq", True), ("compressed-tensors", False)])
+def test_cuda_engine_runs_a_checkpoint(tmp_path, fmt, act_order):
+    """inductor + CUDA graphs + the Triton kernels (dot order, the act-order gather) on a loaded checkpoint."""
+    config = testing.tiny_config("llama", hidden_size=128, intermediate_size=256, head_dim=32)
+    model = testing.tiny_model(config, seed=2)
+    dequantized = testing.save_w4_checkpoint(model, tmp_path, fmt, 128, symmetric=False, act_order=act_order)
+    engine = hsd.compile(str(tmp_path), device="cuda", max_seq_len=64, prefill_chunk=16)
+    want = reference(model, dequantized).half().cuda()
+    testing.assert_engine_matches_model(engine, want, testing.random_ids(config, length=9).cuda(), min_sqnr_db=35)
