@@ -25,7 +25,7 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
     A path to a 4-bit GPTQ or compressed-tensors checkpoint loads its quantized tensors as they
     are (``hsd.checkpoint``) and runs as ``quant="w4a16"`` (default) or ``"w4a8"``; dtype
-    defaults to fp16.
+    defaults to the checkpoint's bf16 or fp16.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
     or callables on a torch.fx.GraphModule), RotateHadamard (for quant="w4a4" and QSpec with
@@ -65,7 +65,8 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
         model = _load(model_or_path, dtype)
     else:
         quant = _checkpoint_quant(quant, weights, spec, spec_config)
-        dtype, device = dtype or torch.float16, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or checkpoint.default_dtype(model_or_path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, weights, group_size = checkpoint.load(model_or_path, device, dtype)
     _check_quantizer(quantizer, quant, calibration, act_order)
     user_passes = [as_pass(p) for p in passes]

@@ -45,6 +45,13 @@ def quantization_config(path) -> dict | None:
     return settings
 
 
+def default_dtype(path) -> torch.dtype:
+    """The checkpoint's 16-bit dtype (config.json's torch_dtype / dtype), fp16 if it names none."""
+    config = json.loads((pathlib.Path(path) / "config.json").read_text())
+    name = config.get("torch_dtype") or config.get("dtype")
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
+
+
 def check(settings: dict) -> tuple:
     """-> (group size, -1 for per channel; a reader of one Linear's tensors); ValueError for what
     hsd cannot load."""

@@ -136,3 +136,10 @@ def test_cuda_engine_runs_a_checkpoint(tmp_path, fmt, act_order):
     engine = hsd.compile(str(tmp_path), device="cuda", max_seq_len=64, prefill_chunk=16)
     want = reference(model, dequantized).half().cuda()
     testing.assert_engine_matches_model(engine, want, testing.random_ids(config, length=9).cuda(), min_sqnr_db=35)
+
+
+def test_dtype_defaults_to_the_checkpoints(tmp_path):
+    config = testing.tiny_config(torch_dtype="bfloat16")
+    testing.save_w4_checkpoint(testing.tiny_model(config), tmp_path, "gptq", 32)
+    engine = hsd.compile(str(tmp_path), device="cpu", max_seq_len=16, prefill_chunk=4)
+    assert engine(testing.random_ids(config, length=3)).logits.dtype == torch.bfloat16
