@@ -127,9 +127,11 @@ def main(argv=None):
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.set_defaults(run=demo)
     g = sub.add_parser("generate", help="generate from a local Hugging Face checkpoint")
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", required=True, help="a Hugging Face checkpoint directory: 16-bit, or 4-bit GPTQ / "
+                   "compressed-tensors (loaded as it is stored)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--quant", default=None, help="w4a16, w4a8, w4a4, w8a8, fp8 (default: none)")
+    g.add_argument("--quant", default=None, help="w4a16, w4a8, w4a4, w8a8, fp8 (default: none; w4a16 for a 4-bit "
+                   "checkpoint)")
     g.add_argument("--quantizer", default="rtn", help="rtn or gptq (4-bit weight schemes)")
     g.add_argument("--dtype", default=None, help="float16, bfloat16, float32")
     g.add_argument("--device", default=None)
