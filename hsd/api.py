@@ -67,7 +67,7 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
         quant = _checkpoint_quant(quant, weights, spec, spec_config)
         dtype = dtype or checkpoint.default_dtype(model_or_path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, weights, group_size = checkpoint.load(model_or_path, device, dtype)
+        model, weights, group_size = checkpoint.load(model_or_path)
     _check_quantizer(quantizer, quant, calibration, act_order)
     user_passes = [as_pass(p) for p in passes]
     check_supported(model.config, max_seq_len)

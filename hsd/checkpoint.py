@@ -20,7 +20,8 @@ and compressed-tensors
 A permuted group index (act-order without static groups) is sorted away: the K rows are reordered
 so each group is contiguous (what hsd's kernels read) and the Linear keeps the permutation
 (``<name>.perm``), by which its op gathers x. A quantized lm_head is dequantized (hsd keeps the
-lm_head 16-bit).
+lm_head 16-bit); another Linear the checkpoint keeps in 16 bits is quantized round-to-nearest by
+QuantizeLinear, like any float Linear.
 """
 import json
 import pathlib
@@ -76,7 +77,7 @@ def check(settings: dict) -> tuple:
                      f"4-bit int weights by group or channel, no activation quantization); this one has {found}")
 
 
-def load(path, device, dtype) -> tuple:
+def load(path) -> tuple:
     """-> (model skeleton on the meta device, {name: tensor} on the CPU, group size or -1)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     group_size, read_linear = check(quantization_config(path))
@@ -115,7 +116,7 @@ def read_safetensors(path) -> dict:
     from safetensors.torch import load_file
     files = sorted(pathlib.Path(path).glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path}: no .safetensors files (hsd reads GPTQ checkpoints in safetensors only)")
+        raise ValueError(f"{path}: no .safetensors files (hsd reads quantized checkpoints in safetensors only)")
     tensors = {}
     for f in files:
         tensors.update(load_file(f))
@@ -178,7 +179,7 @@ def _float_zeros(zeros, dtype):
 
 
 def _bias(raw, weights, name, module):
-    """GPTQ exporters may store an all-zero bias for a Linear without one: drop it; refuse any other."""
+    """Exporters may store an all-zero bias for a Linear without one: drop it; refuse any other."""
     bias = raw.pop(f"{name}.bias", None)
     if bias is None:
         return
