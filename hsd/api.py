@@ -23,9 +23,9 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
             weights=None, intermediate=None, intermediate_quant=None, quantizer: str = "rtn",
             calibration=None, tokenizer=None, act_order: bool = False, smooth_alpha=0.5):
     """Compile a Llama / Mistral / Qwen2 causal LM (a module or a checkpoint path) for decoding.
-    A path to a 4-bit GPTQ or compressed-tensors checkpoint loads its quantized tensors as they
-    are (``hsd.checkpoint``) and runs as ``quant="w4a16"`` (default) or ``"w4a8"``; dtype
-    defaults to the checkpoint's bf16 or fp16.
+    A path to a quantized checkpoint (GPTQ, or compressed-tensors W4A16 / W8A8 / FP8) loads its
+    quantized tensors as they are (``hsd.checkpoint``) and runs as the scheme they fit (4-bit:
+    ``quant="w4a16"`` by default, or ``"w4a8"``); dtype defaults to the checkpoint's bf16 or fp16.
 
     Passes run in this order on each captured step graph: ``passes`` (yours: hsd.Pass objects
     or callables on a torch.fx.GraphModule), RotateHadamard (for quant="w4a4" and QSpec with
@@ -64,7 +64,7 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     if isinstance(model_or_path, torch.nn.Module) or checkpoint.quantization_config(model_or_path) is None:
         model = _load(model_or_path, dtype)
     else:
-        quant = _checkpoint_quant(quant, weights, spec, spec_config)
+        quant = _checkpoint_quant(quant, weights, spec, spec_config, model_or_path)
         dtype = dtype or checkpoint.default_dtype(model_or_path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, weights, group_size = checkpoint.load(model_or_path)
@@ -117,15 +117,17 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     return hsd_spec.build(spec, engine, draft, spec_config, compile_model, intermediate)
 
 
-def _checkpoint_quant(quant, weights, spec, spec_config) -> str:
-    """The scheme a 4-bit checkpoint runs as (W4A16 unless W4A8 is asked for), checked."""
+def _checkpoint_quant(quant, weights, spec, spec_config, path) -> str:
+    """The scheme a quantized checkpoint runs as (its format's default unless another it allows
+    is asked for), checked."""
     if weights is not None:
         raise ValueError("weights= is for a model built on the meta device; a checkpoint path brings its own")
-    quant = quant or "w4a16"
-    if quant not in ("w4a16", "w4a8") or _rotates(quant, spec, spec_config):
-        raise ValueError(f"a 4-bit checkpoint runs as quant='w4a16' or 'w4a8' (its weights as stored), got "
-                         f"quant={quant!r}" + (" with QSpec's 4-bit drafts, which need Hadamard-rotated weights "
-                                              "(QSpecConfig(act_bits=8) drafts from these)" if spec == "qspec" else ""))
+    schemes = checkpoint.check(checkpoint.quantization_config(path))[0]
+    quant = quant or schemes[0]
+    if quant not in schemes or _rotates(quant, spec, spec_config):
+        raise ValueError(f"this checkpoint runs as quant={' or '.join(map(repr, schemes))} (its weights as stored), "
+                         f"got quant={quant!r}" + (" with QSpec's 4-bit drafts, which need Hadamard-rotated weights "
+                                                  "(QSpecConfig(act_bits=8) drafts from these)" if spec == "qspec" else ""))
     return quant
 
 
@@ -164,7 +166,8 @@ def _meta_weights(model, weights, quant, dtype, device):
     rotary = model.model.rotary_emb
     fresh = type(rotary)(config=model.config)
     derived = {f"model.rotary_emb.{name}": b for name, b in fresh.named_buffers()}
-    return {name: t.to(device, dtype if t.is_floating_point() else t.dtype) for name, t in {**derived, **weights}.items()}
+    return {name: t.to(device, dtype if t.is_floating_point() and t.element_size() > 1 else t.dtype)  # fp8 stays fp8
+            for name, t in {**derived, **weights}.items()}
 
 
 def _load(model_or_path, dtype):

@@ -1,5 +1,6 @@
-"""Pre-quantized 4-bit checkpoints users bring, into hsd's W4 layout: GPTQ (AutoGPTQ / GPTQModel,
-"gptq" and "gptq_v2" formats) and compressed-tensors "pack-quantized" W4A16 (llm-compressor).
+"""Pre-quantized checkpoints users bring, into hsd's layouts: GPTQ (AutoGPTQ / GPTQModel, "gptq"
+and "gptq_v2" formats) and compressed-tensors (llm-compressor) "pack-quantized" W4A16, plus its
+8-bit "int-quantized" W8A8 and "float-quantized" FP8 with dynamic per-token activations.
 
 ``hsd.compile(path)`` calls ``load`` when the checkpoint's config.json has a
 ``quantization_config`` (or the directory a quantize_config.json). It returns a model skeleton on
@@ -17,6 +18,8 @@ and compressed-tensors
   weight_scale      [N, K // G]
   weight_zero_point int32 [N // 8, K // G] (asymmetric only) nibbles along N, zero + 8
   weight_g_idx      int32 [K]          (act-order only)
+and for 8 bits, per output channel: weight int8 or float8_e4m3fn [N, K] (hsd's wq) and
+weight_scale [N, 1] (hsd's wscale, in the model's dtype).
 A permuted group index (act-order without static groups) is sorted away: the K rows are reordered
 so each group is contiguous (what hsd's kernels read) and the Linear keeps the permutation
 (``<name>.perm``), by which its op gathers x. A quantized lm_head is dequantized (hsd keeps the
@@ -31,8 +34,9 @@ import torch
 from hsd.kernels import w4a16
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
+W4_SCHEMES = ("w4a16", "w4a8")   # the 4-bit weights as stored (W4A4 wants them Hadamard-rotated)
 QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed", ".weight_scale",
-                      ".weight_zero_point", ".weight_g_idx", ".weight_shape")
+                      ".weight_zero_point", ".weight_g_idx", ".weight_shape", ".input_scale")
 
 
 def quantization_config(path) -> dict | None:
@@ -54,33 +58,40 @@ def default_dtype(path) -> torch.dtype:
 
 
 def check(settings: dict) -> tuple:
-    """-> (group size, -1 for per channel; a reader of one Linear's tensors); ValueError for what
-    hsd cannot load."""
+    """-> (the quant schemes it runs as, the default first; group size, -1 for per channel; a
+    reader of one Linear's tensors); ValueError for what hsd cannot load."""
     method = settings.get("quant_method", "gptq")
     if method == "gptq":
         bits, fmt = settings.get("bits"), settings.get("checkpoint_format", "gptq")
         if bits == 4 and fmt in GPTQ_FORMATS:
-            return settings.get("group_size", 128), lambda *a: _gptq_linear(*a, v1=fmt == "gptq")
+            return W4_SCHEMES, settings.get("group_size", 128), lambda *a: _gptq_linear(*a, v1=fmt == "gptq")
         found = f"bits={bits!r}, checkpoint_format={fmt!r}"
     elif method == "compressed-tensors":
         groups = list(settings.get("config_groups", {}).values())
         weights = groups[0].get("weights") or {} if len(groups) == 1 else {}
-        strategy = weights.get("strategy")
-        if (settings.get("format") == "pack-quantized" and weights.get("num_bits") == 4 and weights.get("type") == "int"
-                and strategy in ("group", "channel") and groups[0].get("input_activations") is None):
-            return weights.get("group_size") if strategy == "group" else -1, _compressed_linear
-        found = f"format={settings.get('format')!r}, config_groups={settings.get('config_groups')!r}"
+        acts = groups[0].get("input_activations") if len(groups) == 1 else None
+        strategy, fmt = weights.get("strategy"), settings.get("format")
+        if (fmt == "pack-quantized" and weights.get("num_bits") == 4 and weights.get("type") == "int"
+                and strategy in ("group", "channel") and acts is None):
+            return W4_SCHEMES, weights.get("group_size") if strategy == "group" else -1, _compressed_linear
+        kind = {"int-quantized": "int", "float-quantized": "float"}.get(fmt)
+        if (kind and weights.get("num_bits") == 8 and weights.get("type") == kind and strategy == "channel"
+                and acts is not None and acts.get("num_bits") == 8 and acts.get("type") == kind
+                and acts.get("strategy") == "token" and acts.get("dynamic")):
+            return ("w8a8",) if kind == "int" else ("fp8",), -1, _eight_bit_linear
+        found = f"format={fmt!r}, config_groups={settings.get('config_groups')!r}"
     else:
         found = f"quant_method={method!r}"
-    raise ValueError("hsd loads 4-bit weight-only checkpoints: GPTQ (bits 4, checkpoint_format "
-                     f"{' or '.join(GPTQ_FORMATS)}) or compressed-tensors pack-quantized (one config group, "
-                     f"4-bit int weights by group or channel, no activation quantization); this one has {found}")
+    raise ValueError("hsd loads GPTQ checkpoints (bits 4, checkpoint_format " + " or ".join(GPTQ_FORMATS) + ") and "
+                     "compressed-tensors ones with one config group: pack-quantized (4-bit int weights by group or "
+                     "channel, no activation quantization), int-quantized / float-quantized (8-bit weights by "
+                     f"channel, dynamic 8-bit activations by token); this one has {found}")
 
 
 def load(path) -> tuple:
     """-> (model skeleton on the meta device, {name: tensor} on the CPU, group size or -1)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    group_size, read_linear = check(quantization_config(path))
+    _, group_size, read_linear = check(quantization_config(path))
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config          # the skeleton is a plain model; hsd quantizes it
@@ -92,7 +103,9 @@ def load(path) -> tuple:
         tensors = read_linear(raw, name, module, group_size) if isinstance(module, torch.nn.Linear) else None
         if tensors is None:
             continue
-        if name == "lm_head":   # in fp32: the 16-bit copy is rounded once, to the model's dtype
+        if isinstance(tensors, dict):    # 8 bits: already named as the scheme names them
+            weights.update(tensors)
+        elif name == "lm_head":   # in fp32: the 16-bit copy is rounded once, to the model's dtype
             qweight, scales, zeros, perm = tensors
             w = w4a16.dequantize(qweight, scales.float(), None if zeros is None else zeros.float(),
                                  qweight.shape[0] * 8 // scales.shape[0])
@@ -152,6 +165,24 @@ def _compressed_linear(raw, name, module, group_size):
     qweight, perm = _contiguous_groups(packed.t().contiguous(), raw.pop(f"{name}.weight_g_idx", None), name, k, g)
     zeros = None if zero_point is None else w4a16.unpack(zero_point)[:n].t()
     return qweight, scale.t().contiguous(), None if zeros is None else _float_zeros(zeros, scale.dtype), perm
+
+
+def _eight_bit_linear(raw, name, module, group_size):
+    """{<name>.wq, <name>.wscale} of a compressed-tensors 8-bit Linear (or its dequantized
+    lm_head.weight); None if it is not quantized."""
+    w = raw.get(f"{name}.weight")
+    if w is None or w.dtype not in (torch.int8, torch.float8_e4m3fn):
+        return None
+    del raw[f"{name}.weight"]
+    scale = raw.pop(f"{name}.weight_scale", None)
+    n, k = module.out_features, module.in_features
+    if w.shape != (n, k) or scale is None or scale.numel() != n:
+        raise ValueError(f"{name}: 8-bit weight {tuple(w.shape)} with weight_scale "
+                         f"{None if scale is None else tuple(scale.shape)} does not fit a [{n}, {k}] Linear")
+    scale = scale.reshape(n)
+    if name == "lm_head":
+        return {"lm_head.weight": w.float() * scale.float()[:, None]}
+    return {f"{name}.wq": w, f"{name}.wscale": scale}
 
 
 def _dims(module, group_size):

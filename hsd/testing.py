@@ -94,12 +94,14 @@ def fake_quantized(model, group_size: int = 128, symmetric: bool = True):
     return model
 
 
-def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size: int = 128,
-                       symmetric: bool = True, quantize_lm_head: bool = False, shards: int = 1,
-                       act_order: bool = False) -> dict:
-    """Write ``model`` as a 4-bit checkpoint of ``checkpoint_format``: "gptq" (AutoGPTQ's v1,
-    zero - 1 stored), "gptq_v2" or "compressed-tensors" (pack-quantized W4A16); layouts in
-    ``hsd.checkpoint``'s docstring. Round-to-nearest weights, config.json with the
+def save_quantized_checkpoint(model, path, checkpoint_format: str = "gptq", group_size: int = 128,
+                              symmetric: bool = True, quantize_lm_head: bool = False, shards: int = 1,
+                              act_order: bool = False) -> dict:
+    """Write ``model`` as a quantized checkpoint of ``checkpoint_format``: 4-bit "gptq"
+    (AutoGPTQ's v1, zero - 1 stored), "gptq_v2" or compressed-tensors "pack-quantized"; or
+    compressed-tensors 8-bit "int-quantized" (W8A8) / "float-quantized" (FP8), per channel (the
+    4-bit options do not apply); layouts in ``hsd.checkpoint``'s docstring. Round-to-nearest
+    weights, config.json with the
     quantization_config, ``shards`` safetensors files in the directory ``path``. ``act_order``:
     groups formed in a random order of K (one per K, so Linears sharing an input agree), as
     GPTQ's desc_act without static groups leaves them: a permuted g_idx. Packs by the
@@ -115,6 +117,11 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (quantize_lm_head or name != "lm_head"):
             n, k = module.weight.shape
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().half()
+            if checkpoint_format in ("int-quantized", "float-quantized"):
+                dequantized[name] = _eight_bit(state, name, module.weight, checkpoint_format == "int-quantized")
+                continue
             g = k if group_size == -1 else group_size
             order = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if act_order else torch.arange(k)
             wg = module.weight.detach().float()[:, order].reshape(n, k // g, g)   # groups in quantization order
@@ -124,7 +131,7 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
             g_idx = torch.empty(k, dtype=torch.int32)
             g_idx[order] = (torch.arange(k) // g).int()
             scale = scale.half().float()                                  # what the checkpoint keeps
-            if checkpoint_format == "compressed-tensors":
+            if checkpoint_format == "pack-quantized":
                 state[f"{name}.weight_packed"] = _nibbles(q.reshape(n, k).long(), 1)   # value + 8, along K
                 state[f"{name}.weight_scale"] = scale.half().contiguous()
                 state[f"{name}.weight_shape"] = torch.tensor([n, k])
@@ -141,8 +148,6 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
                 state[f"{name}.scales"] = scale.t().half().contiguous()
                 state[f"{name}.g_idx"] = g_idx
             dequantized[name] = (q - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach().half()
         elif not list(module.children()):
             state.update({f"{name}.{p}": t.detach().contiguous() for p, t in module.named_parameters(recurse=False)})
     if model.config.tie_word_embeddings:
@@ -151,17 +156,34 @@ def save_w4_checkpoint(model, path, checkpoint_format: str = "gptq", group_size:
     for i in range(shards):
         save_file({n: state[n] for n in names[i::shards]}, path / f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
     config = json.loads((path / "config.json").read_text())
-    if checkpoint_format == "compressed-tensors":
-        weights = dict(num_bits=4, type="int", symmetric=symmetric, strategy="channel" if group_size == -1 else "group",
-                       group_size=None if group_size == -1 else group_size, actorder="group" if act_order else None)
+    if checkpoint_format in ("pack-quantized", "int-quantized", "float-quantized"):
+        if checkpoint_format == "pack-quantized":
+            weights = dict(num_bits=4, type="int", symmetric=symmetric,
+                           strategy="channel" if group_size == -1 else "group",
+                           group_size=None if group_size == -1 else group_size, actorder="group" if act_order else None)
+            acts = None
+        else:
+            kind = "int" if checkpoint_format == "int-quantized" else "float"
+            weights = dict(num_bits=8, type=kind, symmetric=True, strategy="channel", dynamic=False)
+            acts = dict(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
         config["quantization_config"] = dict(
-            quant_method="compressed-tensors", format="pack-quantized", ignore=[] if quantize_lm_head else ["lm_head"],
-            config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=None)})
+            quant_method="compressed-tensors", format=checkpoint_format, ignore=[] if quantize_lm_head else ["lm_head"],
+            config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=acts)})
     else:
         config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group_size, sym=symmetric,
                                              desc_act=act_order, checkpoint_format=checkpoint_format)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return dequantized
+
+
+def _eight_bit(state: dict, name: str, w: torch.Tensor, integer: bool) -> torch.Tensor:
+    """Store compressed-tensors' per-channel 8-bit weight and scale; returns the dequantized weight."""
+    top = 127.0 if integer else 448.0
+    scale = w.detach().float().abs().amax(1, keepdim=True).clamp(min=1e-8) / top
+    q = (w.detach().float() / scale).clamp(-top, top)
+    q = torch.round(q).to(torch.int8) if integer else q.to(torch.float8_e4m3fn)
+    state[f"{name}.weight"], state[f"{name}.weight_scale"] = q, scale
+    return q.float() * scale
 
 
 def _nibbles(q: torch.Tensor, dim: int) -> torch.Tensor:

@@ -22,6 +22,14 @@ class W8A8(Scheme):
     def quantize(self, w, group_size, symmetric):
         return scaled_mm.quantize_weight(w, self.kind)
 
+    def load(self, parts, prequantized, w):
+        """Pre-quantized wq / wscale of each (fused) part, concatenated along N."""
+        wq, wscale = (torch.cat([prequantized[f"{p}.{t}"] for p in parts], 0) for t in self.tensors)
+        if wq.shape != w.shape or wq.dtype != scaled_mm.check_kind(self.kind)[0] or wscale.shape != (w.shape[0],):
+            raise ValueError(f"{'+'.join(parts)}: wq {wq.dtype} {tuple(wq.shape)}, wscale {tuple(wscale.shape)} "
+                             f"do not fit a {self.kind} [{w.shape[0]}, {w.shape[1]}] weight")
+        return wq, wscale
+
     def emit(self, graph, x, attrs, bias, tensors):
         xq, xscale = quantize_input(graph, x, self.kind)
         return graph.call_function(torch.ops.hsd.scaled_mm.default,
