@@ -76,16 +76,17 @@ def check(settings: dict) -> tuple:
             return W4_SCHEMES, weights.get("group_size") if strategy == "group" else -1, _compressed_linear
         kind = {"int-quantized": "int", "float-quantized": "float"}.get(fmt)
         if (kind and weights.get("num_bits") == 8 and weights.get("type") == kind and strategy == "channel"
-                and acts is not None and acts.get("num_bits") == 8 and acts.get("type") == kind
-                and acts.get("strategy") == "token" and acts.get("dynamic")):
+                and weights.get("symmetric", True) and acts is not None and acts.get("num_bits") == 8
+                and acts.get("type") == kind and acts.get("strategy") == "token" and acts.get("dynamic")
+                and acts.get("symmetric", True)):
             return ("w8a8",) if kind == "int" else ("fp8",), -1, _eight_bit_linear
         found = f"format={fmt!r}, config_groups={settings.get('config_groups')!r}"
     else:
         found = f"quant_method={method!r}"
     raise ValueError("hsd loads GPTQ checkpoints (bits 4, checkpoint_format " + " or ".join(GPTQ_FORMATS) + ") and "
                      "compressed-tensors ones with one config group: pack-quantized (4-bit int weights by group or "
-                     "channel, no activation quantization), int-quantized / float-quantized (8-bit weights by "
-                     f"channel, dynamic 8-bit activations by token); this one has {found}")
+                     "channel, no activation quantization), int-quantized / float-quantized (symmetric 8-bit "
+                     f"weights by channel, dynamic symmetric 8-bit activations by token); this one has {found}")
 
 
 def load(path) -> tuple:

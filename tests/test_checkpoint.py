@@ -161,3 +161,8 @@ def test_eight_bit_checkpoint_equals_quantizing_its_dequantized_model(tmp_path, 
     assert {t.dtype for n, t in buffers.items() if n.endswith(".wq")} == {torch.int8 if quant == "w8a8" else torch.float8_e4m3fn}
     with pytest.raises(ValueError, match=f"runs as quant='{quant}'"):
         hsd.compile(str(tmp_path), quant="w4a16", device="cpu", dtype=torch.float32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hsd loads GPTQ checkpoints.*'symmetric': False"):
+        hsd.compile(str(tmp_path), device="cpu", dtype=torch.float32)
