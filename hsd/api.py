@@ -61,13 +61,15 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if max_seq_len < 1 or batch_size < 1 or prefill_chunk < 1:
         raise ValueError("max_seq_len, batch_size and prefill_chunk must be positive")
-    if isinstance(model_or_path, torch.nn.Module) or checkpoint.quantization_config(model_or_path) is None:
+    settings = None if isinstance(model_or_path, torch.nn.Module) else checkpoint.quantization_config(model_or_path)
+    if settings is None:
         model = _load(model_or_path, dtype)
     else:
-        quant = _checkpoint_quant(quant, weights, spec, spec_config, model_or_path)
+        checked = checkpoint.check(settings)
+        quant = _checkpoint_quant(quant, weights, spec, spec_config, schemes=checked[0])
         dtype = dtype or checkpoint.default_dtype(model_or_path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, weights, group_size = checkpoint.load(model_or_path)
+        model, weights, group_size = checkpoint.load(model_or_path, checked)
     _check_quantizer(quantizer, quant, calibration, act_order)
     user_passes = [as_pass(p) for p in passes]
     check_supported(model.config, max_seq_len)
@@ -117,12 +119,11 @@ def compile(model_or_path, *, quant=None, passes=(), dtype=None, device=None, ma
     return hsd_spec.build(spec, engine, draft, spec_config, compile_model, intermediate)
 
 
-def _checkpoint_quant(quant, weights, spec, spec_config, path) -> str:
-    """The scheme a quantized checkpoint runs as (its format's default unless another it allows
-    is asked for), checked."""
+def _checkpoint_quant(quant, weights, spec, spec_config, schemes) -> str:
+    """The scheme a quantized checkpoint runs as (``schemes[0]``, its format's default, unless
+    another of ``schemes`` is asked for), checked."""
     if weights is not None:
         raise ValueError("weights= is for a model built on the meta device; a checkpoint path brings its own")
-    schemes = checkpoint.check(checkpoint.quantization_config(path))[0]
     quant = quant or schemes[0]
     if quant not in schemes or _rotates(quant, spec, spec_config):
         raise ValueError(f"this checkpoint runs as quant={' or '.join(map(repr, schemes))} (its weights as stored), "

@@ -89,10 +89,11 @@ def check(settings: dict) -> tuple:
                      f"weights by channel, dynamic symmetric 8-bit activations by token); this one has {found}")
 
 
-def load(path) -> tuple:
-    """-> (model skeleton on the meta device, {name: tensor} on the CPU, group size or -1)."""
+def load(path, checked=None) -> tuple:
+    """-> (model skeleton on the meta device, {name: tensor} on the CPU, group size or -1).
+    ``checked``: what ``check`` returned for this checkpoint, if the caller has it already."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    _, group_size, read_linear = check(quantization_config(path))
+    _, group_size, read_linear = checked or check(quantization_config(path))
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config          # the skeleton is a plain model; hsd quantizes it

@@ -101,53 +101,27 @@ def save_quantized_checkpoint(model, path, checkpoint_format: str = "gptq", grou
     (AutoGPTQ's v1, zero - 1 stored), "gptq_v2" or compressed-tensors "pack-quantized"; or
     compressed-tensors 8-bit "int-quantized" (W8A8) / "float-quantized" (FP8), per channel (the
     4-bit options do not apply); layouts in ``hsd.checkpoint``'s docstring. Round-to-nearest
-    weights, config.json with the
-    quantization_config, ``shards`` safetensors files in the directory ``path``. ``act_order``:
-    groups formed in a random order of K (one per K, so Linears sharing an input agree), as
-    GPTQ's desc_act without static groups leaves them: a permuted g_idx. Packs by the
-    formats' definitions, not with hsd's own packing, so a test of the loader checks hsd against
-    the format. Returns {Linear name: its dequantized [N, K] fp32 weight}."""
+    weights, config.json with the quantization_config, ``shards`` safetensors files in the
+    directory ``path``. ``act_order``: groups formed in a random order of K (one per K, so
+    Linears sharing an input agree), as GPTQ's desc_act without static groups leaves them: a
+    permuted g_idx. Packs by the formats' definitions, not with hsd's own packing, so a test of
+    the loader checks hsd against the format. Returns {Linear name: its dequantized [N, K] fp32
+    weight}."""
     import json
     import pathlib
     from safetensors.torch import save_file
-    from hsd.kernels import w4a16
     path = pathlib.Path(path)
     model.config.save_pretrained(path)
     state, dequantized = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (quantize_lm_head or name != "lm_head"):
-            n, k = module.weight.shape
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach().half()
             if checkpoint_format in ("int-quantized", "float-quantized"):
                 dequantized[name] = _eight_bit(state, name, module.weight, checkpoint_format == "int-quantized")
-                continue
-            g = k if group_size == -1 else group_size
-            order = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if act_order else torch.arange(k)
-            wg = module.weight.detach().float()[:, order].reshape(n, k // g, g)   # groups in quantization order
-            scale, zero = w4a16.grid(wg, symmetric)                       # [N, K / G]
-            q = torch.empty(n, k)
-            q[:, order] = w4a16.to_grid(wg, scale[..., None], zero[..., None]).reshape(n, k)
-            g_idx = torch.empty(k, dtype=torch.int32)
-            g_idx[order] = (torch.arange(k) // g).int()
-            scale = scale.half().float()                                  # what the checkpoint keeps
-            if checkpoint_format == "pack-quantized":
-                state[f"{name}.weight_packed"] = _nibbles(q.reshape(n, k).long(), 1)   # value + 8, along K
-                state[f"{name}.weight_scale"] = scale.half().contiguous()
-                state[f"{name}.weight_shape"] = torch.tensor([n, k])
-                if not symmetric:                                           # zero point + 8, along N
-                    state[f"{name}.weight_zero_point"] = _nibbles(zero.long(), 0)
-                if act_order:
-                    state[f"{name}.weight_g_idx"] = g_idx
             else:
-                offset = 1 if checkpoint_format == "gptq" else 0
-                stored_zero = zero.t().long() - offset
-                zero = ((stored_zero & 0xF) + offset).t().float()         # v1 reads a zero of 0 as 16
-                state[f"{name}.qweight"] = _nibbles(q.reshape(n, k).t().long(), 0)   # along K
-                state[f"{name}.qzeros"] = _nibbles(stored_zero, 1)                   # along N
-                state[f"{name}.scales"] = scale.t().half().contiguous()
-                state[f"{name}.g_idx"] = g_idx
-            dequantized[name] = (q - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
+                dequantized[name] = _four_bit(state, name, module.weight, checkpoint_format, group_size, symmetric,
+                                              act_order)
         elif not list(module.children()):
             state.update({f"{name}.{p}": t.detach().contiguous() for p, t in module.named_parameters(recurse=False)})
     if model.config.tie_word_embeddings:
@@ -156,24 +130,42 @@ def save_quantized_checkpoint(model, path, checkpoint_format: str = "gptq", grou
     for i in range(shards):
         save_file({n: state[n] for n in names[i::shards]}, path / f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
     config = json.loads((path / "config.json").read_text())
-    if checkpoint_format in ("pack-quantized", "int-quantized", "float-quantized"):
-        if checkpoint_format == "pack-quantized":
-            weights = dict(num_bits=4, type="int", symmetric=symmetric,
-                           strategy="channel" if group_size == -1 else "group",
-                           group_size=None if group_size == -1 else group_size, actorder="group" if act_order else None)
-            acts = None
-        else:
-            kind = "int" if checkpoint_format == "int-quantized" else "float"
-            weights = dict(num_bits=8, type=kind, symmetric=True, strategy="channel", dynamic=False)
-            acts = dict(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
-        config["quantization_config"] = dict(
-            quant_method="compressed-tensors", format=checkpoint_format, ignore=[] if quantize_lm_head else ["lm_head"],
-            config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=acts)})
-    else:
-        config["quantization_config"] = dict(quant_method="gptq", bits=4, group_size=group_size, sym=symmetric,
-                                             desc_act=act_order, checkpoint_format=checkpoint_format)
+    config["quantization_config"] = _quantization_config(checkpoint_format, group_size, symmetric, act_order,
+                                                          quantize_lm_head)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return dequantized
+
+
+def _four_bit(state, name, w, checkpoint_format, group_size, symmetric, act_order) -> torch.Tensor:
+    """Store one Linear's 4-bit GPTQ or pack-quantized tensors; returns its dequantized weight."""
+    from hsd.kernels import w4a16
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if act_order else torch.arange(k)
+    wg = w.detach().float()[:, order].reshape(n, k // g, g)        # groups in quantization order
+    scale, zero = w4a16.grid(wg, symmetric)                         # [N, K / G]
+    q = torch.empty(n, k)
+    q[:, order] = w4a16.to_grid(wg, scale[..., None], zero[..., None]).reshape(n, k)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // g).int()
+    scale = scale.half().float()                                    # what the checkpoint keeps
+    if checkpoint_format == "pack-quantized":
+        state[f"{name}.weight_packed"] = _nibbles(q.long(), 1)       # value + 8, along K
+        state[f"{name}.weight_scale"] = scale.half()
+        state[f"{name}.weight_shape"] = torch.tensor([n, k])
+        if not symmetric:                                           # zero point + 8, along N
+            state[f"{name}.weight_zero_point"] = _nibbles(zero.long(), 0)
+        if act_order:
+            state[f"{name}.weight_g_idx"] = g_idx
+    else:
+        offset = 1 if checkpoint_format == "gptq" else 0
+        stored_zero = zero.t().long() - offset
+        zero = ((stored_zero & 0xF) + offset).t().float()           # v1 reads a zero of 0 as 16
+        state[f"{name}.qweight"] = _nibbles(q.t().long(), 0)         # along K
+        state[f"{name}.qzeros"] = _nibbles(stored_zero, 1)           # along N
+        state[f"{name}.scales"] = scale.t().half().contiguous()
+        state[f"{name}.g_idx"] = g_idx
+    return (q - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
 
 
 def _eight_bit(state: dict, name: str, w: torch.Tensor, integer: bool) -> torch.Tensor:
@@ -184,6 +176,23 @@ def _eight_bit(state: dict, name: str, w: torch.Tensor, integer: bool) -> torch.
     q = torch.round(q).to(torch.int8) if integer else q.to(torch.float8_e4m3fn)
     state[f"{name}.weight"], state[f"{name}.weight_scale"] = q, scale
     return q.float() * scale
+
+
+def _quantization_config(checkpoint_format, group_size, symmetric, act_order, quantize_lm_head) -> dict:
+    """config.json's quantization_config for ``save_quantized_checkpoint``."""
+    if checkpoint_format in ("gptq", "gptq_v2"):
+        return dict(quant_method="gptq", bits=4, group_size=group_size, sym=symmetric, desc_act=act_order,
+                    checkpoint_format=checkpoint_format)
+    if checkpoint_format == "pack-quantized":
+        weights = dict(num_bits=4, type="int", symmetric=symmetric, strategy="channel" if group_size == -1 else "group",
+                       group_size=None if group_size == -1 else group_size, actorder="group" if act_order else None)
+        acts = None
+    else:
+        kind = "int" if checkpoint_format == "int-quantized" else "float"
+        weights = dict(num_bits=8, type=kind, symmetric=True, strategy="channel", dynamic=False)
+        acts = dict(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
+    return dict(quant_method="compressed-tensors", format=checkpoint_format, ignore=[] if quantize_lm_head else ["lm_head"],
+                config_groups={"group_0": dict(targets=["Linear"], weights=weights, input_activations=acts)})
 
 
 def _nibbles(q: torch.Tensor, dim: int) -> torch.Tensor:

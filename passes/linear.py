@@ -166,8 +166,7 @@ class W4A16(Scheme):
         if qweight.shape != (w.shape[1] // 8, w.shape[0]):
             raise ValueError(f"{'+'.join(parts)}: qweight {tuple(qweight.shape)} does not fit the weight {tuple(w.shape)}")
         perms = [prequantized.get(f"{p}.perm") for p in parts]
-        if any(q is None for q in perms) != all(q is None for q in perms) \
-                or any(q is not None and not torch.equal(q, perms[0]) for q in perms):
+        if not (all(q is None for q in perms) or all(q is not None and torch.equal(q, perms[0]) for q in perms)):
             raise ValueError(f"{'+'.join(parts)}: fused Linears read one input but were quantized with different "
                              "act-order permutations; compile with fuse=False")
         return qweight, scales, zeros, perms[0]
